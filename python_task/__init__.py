@@ -9,3 +9,11 @@ __version__ = "0.1.0"
 
 FORMAT_VERSION = 1
 DEFAULT_CLASSES = ("benign", "malignant")
+
+# Extraction defaults, shared by the library and the command line (which must not import the readers to show --help).
+DEFAULT_TILE_SIZE = 256
+DEFAULT_MPP = 0.5
+DEFAULT_MIN_COVERAGE = 0.5
+DEFAULT_MIN_TISSUE = 0.5
+DEFAULT_CODEC = "jpeg"
+DEFAULT_QUALITY = 90

@@ -42,7 +42,7 @@ def _run_synth(args: argparse.Namespace) -> int:
 
 
 def _add_extract(sub: argparse._SubParsersAction) -> None:
-    from python_task.extract import DEFAULT_PARAMS as d
+    import python_task as d
 
     p = sub.add_parser("extract", help="cut annotated regions into labelled tiles, one HDF5 shard per slide")
     src = p.add_argument_group("input: a cohort table, or a single slide")
@@ -55,16 +55,16 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder for shards and manifest.csv")
     p.add_argument("--labels", type=Path, help="labels YAML mapping annotation classes to target classes")
     p.add_argument("--ignore-unknown", action="store_true", help="skip regions whose class is not in the labels")
-    p.add_argument("--tile-size", type=int, default=d.tile_size, help=f"tile size in px (default {d.tile_size})")
-    p.add_argument("--mpp", type=float, default=d.mpp, help=f"target µm per pixel (default {d.mpp})")
+    p.add_argument("--tile-size", type=int, default=d.DEFAULT_TILE_SIZE, help=f"tile size in px (default {d.DEFAULT_TILE_SIZE})")
+    p.add_argument("--mpp", type=float, default=d.DEFAULT_MPP, help=f"target µm per pixel (default {d.DEFAULT_MPP})")
     p.add_argument("--slide-mpp", type=float, help="µm/px of level 0 when the slide's metadata lacks it")
-    p.add_argument("--min-coverage", type=float, default=d.min_coverage,
-                   help=f"least fraction of a tile inside its region (default {d.min_coverage})")
-    p.add_argument("--min-tissue", type=float, default=d.min_tissue,
-                   help=f"least fraction of a tile that is tissue (default {d.min_tissue})")
+    p.add_argument("--min-coverage", type=float, default=d.DEFAULT_MIN_COVERAGE,
+                   help=f"least fraction of a tile inside its region (default {d.DEFAULT_MIN_COVERAGE})")
+    p.add_argument("--min-tissue", type=float, default=d.DEFAULT_MIN_TISSUE,
+                   help=f"least fraction of a tile that is tissue (default {d.DEFAULT_MIN_TISSUE})")
     p.add_argument("--stride", type=int, help="grid step in output px (default: the tile size, no overlap)")
-    p.add_argument("--codec", choices=("jpeg", "raw"), default=d.codec, help=f"tile storage (default {d.codec})")
-    p.add_argument("--quality", type=int, default=d.quality, help=f"JPEG quality (default {d.quality})")
+    p.add_argument("--codec", choices=("jpeg", "raw"), default=d.DEFAULT_CODEC, help=f"tile storage (default {d.DEFAULT_CODEC})")
+    p.add_argument("--quality", type=int, default=d.DEFAULT_QUALITY, help=f"JPEG quality (default {d.DEFAULT_QUALITY})")
     p.add_argument("--offset", type=float, nargs=2, metavar=("DX", "DY"), default=(0.0, 0.0),
                    help="add (DX, DY) level-0 px to every annotation coordinate (annotations drawn on a parent slide)")
     p.add_argument("--workers", type=int, default=1, help="slides processed in parallel (default 1)")
@@ -95,7 +95,117 @@ def _run_extract(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_synth, _add_extract)
+def _add_split(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("split", help="patient-level K folds, stratified by diagnosis, saved as JSON")
+    p.add_argument("--shards", required=True, type=Path, help="folder of shards with manifest.csv")
+    p.add_argument("--folds", required=True, type=int, help="number of folds K")
+    p.add_argument("--out", required=True, type=Path, help="splits JSON file to write")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.set_defaults(handler=_run_split)
+
+
+def _run_split(args: argparse.Namespace) -> int:
+    from python_task.splits import make_splits, write_splits
+
+    splits = make_splits(args.shards, args.folds, seed=args.seed)
+    write_splits(splits, args.out)
+    for fold in splits["folds"]:
+        counts = fold["tile_counts"]
+        print(f"fold {fold['fold']}: validation patients {', '.join(fold['val_patients'])}; tiles train "
+              f"{counts['train']}, val {counts['val']}", file=sys.stderr)
+    print(f"splits written: {args.out}")
+    return 0
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from python_task.train import OPTIMIZERS
+
+    p = sub.add_parser("train", help="train and evaluate one model on one fold (one experiment point)")
+    p.add_argument("--shards", required=True, type=Path, help="folder of shards with manifest.csv")
+    p.add_argument("--splits", required=True, type=Path, help="splits JSON from `split`")
+    p.add_argument("--fold", required=True, type=int, help="validation fold")
+    p.add_argument("--arch", required=True, help="architecture name (see --list-archs)")
+    p.add_argument("--out", required=True, type=Path, help="output folder (re-running resumes it)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
+    p.add_argument("--epochs", type=int, default=10, help="maximum epochs (default 10)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="optimiser (default adam)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="weight decay (default 0)")
+    p.add_argument("--dropout", type=float, default=0.3, help="dropout before the classifier (default 0.3)")
+    p.add_argument("--augment", default="none", help="comma-separated augmentations, e.g. flip,rot90,elastic,hed")
+    p.add_argument("--stain", default="none", help="stain normalisation: none, macenko, reinhard")
+    p.add_argument("--stain-reference", type=Path, help="reference tile (image or .npy) for stain normalisation")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--weights", type=Path, help="pretrained weights from a local file (never downloaded)")
+    p.add_argument("--freeze-backbone", action="store_true", help="train only the head")
+    p.add_argument("--unfreeze-at", type=int, default=0, help="epoch at which a frozen backbone is fine-tuned")
+    p.add_argument("--input-size", type=int, help="resize tiles to this size inside the model (default: tile size)")
+    p.add_argument("--balance", choices=("none", "oversample", "undersample"), default="none",
+                   help="class balancing of training batches")
+    p.add_argument("--class-weights", action="store_true", help="weight the loss by inverse class frequency")
+    p.add_argument("--patience", type=int, default=5, help="early-stopping patience in epochs, 0 = off (default 5)")
+    p.add_argument("--mixed-precision", choices=("auto", "on", "off"), default="auto",
+                   help="mixed float16 (auto: on when a GPU is present)")
+    p.add_argument("--max-train-tiles", type=int, default=0, help="seeded random subset of training tiles (0 = all)")
+    p.add_argument("--max-val-tiles", type=int, default=0, help="seeded random subset of validation tiles (0 = all)")
+    p.add_argument("--base-filters", type=int, default=32, help="width of simple_cnn / unet_encoder (default 32)")
+    p.add_argument("--workers", type=int, default=2, help="threads reading tiles (default 2)")
+    p.add_argument("--elastic-alpha", type=float, help="elastic deformation magnitude in px")
+    p.add_argument("--elastic-sigma", type=float, help="elastic deformation smoothness in px")
+    p.add_argument("--rotate-degrees", type=float, help="range of free rotations in degrees")
+    p.add_argument("--scale-range", type=float, help="range of random scaling (0.1 = ±10%%)")
+    p.add_argument("--hed-sigma", type=float, help="HED jitter: multiplicative range per stain")
+    p.add_argument("--hed-bias", type=float, help="HED jitter: additive range per stain")
+    p.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(handler=_run_train)
+
+
+AUGMENT_OPTION_FLAGS = ("elastic_alpha", "elastic_sigma", "rotate_degrees", "scale_range", "hed_sigma", "hed_bias")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from python_task.train import TrainConfig, train
+
+    options = {k: getattr(args, k) for k in AUGMENT_OPTION_FLAGS if getattr(args, k) is not None}
+    cfg = TrainConfig(shards=args.shards, splits=args.splits, fold=args.fold, arch=args.arch, out=args.out,
+                      lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, optimizer=args.optimizer,
+                      weight_decay=args.weight_decay, dropout=args.dropout, augment=args.augment, stain=args.stain,
+                      stain_reference=args.stain_reference, seed=args.seed, weights=args.weights,
+                      freeze_backbone=args.freeze_backbone, unfreeze_at=args.unfreeze_at,
+                      input_size=args.input_size, balance=args.balance, class_weights=args.class_weights,
+                      patience=args.patience, mixed_precision=args.mixed_precision,
+                      max_train_tiles=args.max_train_tiles, max_val_tiles=args.max_val_tiles,
+                      base_filters=args.base_filters, workers=args.workers, tensorboard=not args.no_tensorboard,
+                      verbose=not args.quiet, augment_options=options)
+    train(cfg)
+    print(f"metrics written: {args.out / 'metrics.json'}")
+    return 0
+
+
+def _add_augment_preview(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("augment-preview", help="draw original and augmented tiles side by side (PNG)")
+    p.add_argument("--shards", required=True, type=Path, help="folder of shards")
+    p.add_argument("--out", required=True, type=Path, help="PNG file to write")
+    p.add_argument("--augment", default="flip,rot90,elastic,hed", help="augmentations to show")
+    p.add_argument("--stain", default="none", help="stain normalisation to apply first")
+    p.add_argument("--tiles", type=int, default=6, help="number of original tiles (rows)")
+    p.add_argument("--columns", type=int, default=4, help="augmented versions per tile")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.set_defaults(handler=_run_augment_preview)
+
+
+def _run_augment_preview(args: argparse.Namespace) -> int:
+    from python_task.preview import render_preview
+
+    path = render_preview(args.shards, args.out, augment=args.augment, stain=args.stain, n=args.tiles,
+                          columns=args.columns, seed=args.seed)
+    print(f"preview written: {path}")
+    return 0
+
+
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _add_synth, _add_extract, _add_split, _add_train, _add_augment_preview)
 
 
 def build_parser() -> argparse.ArgumentParser:
