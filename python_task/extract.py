@@ -30,7 +30,7 @@ from python_task import (DEFAULT_CODEC, DEFAULT_MIN_COVERAGE, DEFAULT_MIN_TISSUE
 from python_task.annotations import clip_regions, read_annotations, translate_regions
 from python_task.errors import TaskError
 from python_task.labels import label_regions, load_label_map
-from python_task.shards import ShardWriter, read_shard_info, shard_path, write_manifest
+from python_task.shards import MANIFEST_NAME, ShardWriter, read_shard_info, shard_path, write_manifest
 from python_task.slides import TileReader, open_slide
 from python_task.tiling import GridSpec, TilePlan, describe_drops, plan_tiles
 from python_task.tissue import detect_tissue
@@ -275,7 +275,7 @@ def extract_cohort(jobs: Sequence[SlideJob], out_dir: str | os.PathLike[str], pa
         line = result.message if result.status != "failed" else f"FAILED {result.slide_id}: {result.message}"
         if result.status == "done":
             line += f" [{result.seconds:.1f} s]"
-        if progress:
+        if progress and (result.status != "failed" or len(jobs) > 1):
             tqdm.write(line, file=sys.stderr)
         bar.update(1)
 
@@ -289,8 +289,11 @@ def extract_cohort(jobs: Sequence[SlideJob], out_dir: str | os.PathLike[str], pa
             for fut in cf.as_completed(futures):
                 record(fut.result())
     bar.close()
-    manifest = write_manifest(out)
+    has_shards = any(r.status != "failed" for r in results) or (out / MANIFEST_NAME).exists()
+    manifest = write_manifest(out) if has_shards else None
     report = ExtractReport(results=sorted(results, key=lambda r: r.slide_id), manifest=manifest)
+    if len(jobs) == 1 and report.failed:
+        raise TaskError(None, report.failed[0].message)  # a single slide: just its one-line error
     if progress:
         _print_closing(report)
     return report

@@ -28,3 +28,23 @@ def cmu_slide(shared_data: Path) -> Path:
     if not path.exists():
         pytest.skip(f"{path} missing")
     return path
+
+
+@pytest.fixture(scope="session")
+def synth_cohort(tmp_path_factory) -> Path:
+    """A small synthetic cohort (4 patients, 2048-px slides), made once per test session."""
+    from python_task.synth import SynthConfig, generate_cohort
+
+    out = tmp_path_factory.mktemp("cohort")
+    return generate_cohort(out, SynthConfig(patients=4, seed=11, slide_size=2048))
+
+
+@pytest.fixture(scope="session")
+def synth_shards(synth_cohort, tmp_path_factory) -> Path:
+    """Default-parameter shards of :func:`synth_cohort`."""
+    from python_task.extract import ExtractParams, extract_cohort, read_cohort
+
+    out = tmp_path_factory.mktemp("shards")
+    report = extract_cohort(read_cohort(synth_cohort), out, ExtractParams(), workers=1, progress=False)
+    assert report.ok, report.failed
+    return out
