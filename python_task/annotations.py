@@ -77,8 +77,11 @@ def detect_format(path: str | Path) -> str:
     return _load(Path(path))[0]
 
 
-def read_annotations(path: str | Path) -> list[Region]:
+def read_annotations(path: str | Path, *, include_detections: bool = False) -> list[Region]:
     """Read every polygonal annotation in ``path`` (format detected from content), repaired and non-empty.
+
+    QuPath detections (``objectType`` detection/cell/tile: machine output such as ``predict``'s tiles) are
+    skipped unless ``include_detections``.
 
     Raises :class:`TaskError` naming the file when it is missing, unreadable, of another format, malformed,
     or holds no polygonal annotation at all.
@@ -87,7 +90,7 @@ def read_annotations(path: str | Path) -> list[Region]:
     fmt, content = _load(path)
     try:
         if fmt == "qupath":
-            shapes = list(_parse_qupath(content))
+            shapes = list(_parse_qupath(content, include_detections=include_detections))
         elif fmt == "asap":
             shapes = _parse_asap(content)
         else:
@@ -304,7 +307,7 @@ def _hex_rgb(value: str | None) -> tuple[int, int, int] | None:
 # QuPath GeoJSON
 
 
-def _parse_qupath(doc: Any) -> Iterator[_Shape]:
+def _parse_qupath(doc: Any, *, include_detections: bool = False) -> Iterator[_Shape]:
     features = _features(doc)
     for number, feature in enumerate(features):
         if not isinstance(feature, dict):
@@ -313,7 +316,7 @@ def _parse_qupath(doc: Any) -> Iterator[_Shape]:
         if not isinstance(props, dict):
             props = {}
         object_type = str(props.get("objectType", "annotation")).lower()
-        if object_type in _QUPATH_SKIPPED_OBJECTS:
+        if object_type in _QUPATH_SKIPPED_OBJECTS and not include_detections:
             log.debug("feature %d skipped: QuPath %s object, not an annotation", number, object_type)
             continue
         geometry = _geojson_geometry(feature.get("geometry"), f"feature {number}")

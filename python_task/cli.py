@@ -204,8 +204,52 @@ def _run_augment_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sweep", help="run a YAML plan of train points locally; results.csv with one row per point")
+    p.add_argument("plan", type=Path, help="PLAN.yaml (shards, splits, factors, fixed, optional random)")
+    p.add_argument("--out", required=True, type=Path, help="output folder: results.csv and points/")
+    p.add_argument("--jobs", type=int, default=1, help="points run in parallel (default 1)")
+    p.set_defaults(handler=_run_sweep)
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from python_task.sweep import run_sweep
+
+    report = run_sweep(args.plan, args.out, jobs=args.jobs)
+    print(f"results written: {report.results_csv}")
+    return 1 if report.failed else 0
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="heat-map of the probability of malignancy over a whole slide")
+    p.add_argument("--model", required=True, type=Path, help="model.keras from train (its config.json beside it)")
+    p.add_argument("--slide", required=True, type=Path, help="the slide")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--annotations", type=Path, help="score only tiles inside these regions; outlines drawn")
+    p.add_argument("--offset", type=float, nargs=2, metavar=("DX", "DY"), default=(0.0, 0.0),
+                   help="add (DX, DY) level-0 px to every annotation coordinate")
+    p.add_argument("--slide-mpp", type=float, help="µm/px of level 0 when the slide's metadata lacks it")
+    p.add_argument("--batch-size", type=int, default=64, help="tiles per inference batch (default 64)")
+    p.add_argument("--min-tissue", type=float, default=0.5, help="least tissue fraction of a scored tile")
+    p.add_argument("--min-coverage", type=float, default=0.5, help="least fraction inside a region (--annotations)")
+    p.add_argument("--stride", type=int, help="grid step in tile px (default: the tile size)")
+    p.add_argument("--reader", choices=("auto", "openslide", "tiff"), default="auto", help="pixel reader")
+    p.set_defaults(handler=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from python_task.predict import predict_slide
+
+    s = predict_slide(args.model, args.slide, args.out, annotations=args.annotations, slide_mpp=args.slide_mpp,
+                      batch_size=args.batch_size, min_tissue=args.min_tissue, min_coverage=args.min_coverage,
+                      stride=args.stride, offset=tuple(args.offset), reader_name=args.reader)
+    print(f"{args.slide.name}: {s['n_tiles']} tiles, slide score {s['slide_score']:.3f}, predicted "
+          f"{s['predicted_diagnosis']} ({s['tiles_per_second']:.0f} tiles/s); outputs in {args.out}")
+    return 0
+
+
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    _add_synth, _add_extract, _add_split, _add_train, _add_augment_preview)
+    _add_synth, _add_extract, _add_split, _add_train, _add_augment_preview, _add_sweep, _add_predict)
 
 
 def build_parser() -> argparse.ArgumentParser:
