@@ -400,15 +400,10 @@ def _class_weight(labels: np.ndarray) -> dict[int, float]:
 
 
 def _unfreeze(model) -> None:
-    for layer in _walk_layers(model):
-        if layer.name == "backbone":
-            layer.trainable = True
+    """Fine-tune the backbone; batch-norm layers stay in inference mode (small batches would wreck them)."""
+    from python_task.models import unfreeze_backbone
 
-
-def _walk_layers(model):
-    for layer in getattr(model, "layers", []):
-        yield layer
-        yield from _walk_layers(layer)
+    unfreeze_backbone(model, keep_batchnorm_frozen=True)
 
 
 def _tensorboard_writer(cfg: TrainConfig):
