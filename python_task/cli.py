@@ -248,8 +248,26 @@ def _run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the whole chain on a synthetic cohort: synth, extract, split, sweep, report, "
+                                    "predict")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--patients", type=int, default=6, help="synthetic patients (default 6)")
+    p.add_argument("--epochs", type=int, default=4, help="epochs per training point (default 4)")
+    p.add_argument("--jobs", type=int, default=1, help="training points run in parallel (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.set_defaults(handler=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from python_task.demo import DemoConfig, run_demo
+
+    run_demo(args.out, DemoConfig(patients=args.patients, epochs=args.epochs, jobs=args.jobs, seed=args.seed))
+    return 0
+
+
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    _add_synth, _add_extract, _add_split, _add_train, _add_augment_preview, _add_sweep, _add_predict)
+    _add_synth, _add_extract, _add_split, _add_train, _add_augment_preview, _add_sweep, _add_predict, _add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
