@@ -266,8 +266,27 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="summarise a sweep's results table: summary.csv, report.html, PNG figures")
+    p.add_argument("results", type=Path, metavar="RESULTS.csv",
+                   help="results table: results.csv from sweep, or an OpenMOLE CSVHook file (one row per point)")
+    p.add_argument("--out", required=True, type=Path, help="output folder: report.html, summary.csv, *.png")
+    p.add_argument("--metric", default="val_patient_auc",
+                   help="metric that ranks the configurations (default val_patient_auc; *loss and *seconds "
+                        "rank lowest first)")
+    p.set_defaults(handler=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from python_task.report import make_report
+
+    path = make_report(args.results, args.out, metric=args.metric)
+    print(f"report written: {path}")
+    return 0
+
+
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    _add_synth, _add_extract, _add_split, _add_train, _add_augment_preview, _add_sweep, _add_predict, _add_demo)
+    _add_synth, _add_extract, _add_split, _add_train, _add_augment_preview, _add_sweep, _add_predict, _add_report, _add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
