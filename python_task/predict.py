@@ -183,11 +183,12 @@ def _batches(reader, coords: np.ndarray, batch_size: int, normalizer) -> Iterato
 
 def score_tiles(bundle: ModelBundle, reader, coords: np.ndarray, *, batch_size: int = 64,
                 progress: bool = True) -> np.ndarray:
+    from python_task.train import predict_padded
+
     probs = np.empty(len(coords), np.float32)
     bar = tqdm(total=len(coords), unit="tile", desc="predict", disable=None if progress else True, file=sys.stderr)
     for start, batch in _batches(reader, coords, batch_size, bundle.normalizer):
-        out = bundle.model.predict_on_batch(batch.astype(np.float32))
-        probs[start:start + len(batch)] = np.asarray(out, dtype=np.float32).reshape(-1)
+        probs[start:start + len(batch)] = predict_padded(bundle.model, batch.astype(np.float32), batch_size)
         bar.update(len(batch))
     bar.close()
     return probs
