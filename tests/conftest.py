@@ -48,3 +48,32 @@ def synth_shards(synth_cohort, tmp_path_factory) -> Path:
     report = extract_cohort(read_cohort(synth_cohort), out, ExtractParams(), workers=1, progress=False)
     assert report.ok, report.failed
     return out
+
+
+@pytest.fixture(scope="session")
+def learn_data(tmp_path_factory):
+    """A synthetic cohort of 10 patients cut at 1 µm/px into 64-px tiles, with a 2-fold patient split."""
+    from python_task.extract import ExtractParams, extract_cohort, read_cohort
+    from python_task.splits import make_splits, write_splits
+    from python_task.synth import SynthConfig, generate_cohort
+
+    root = tmp_path_factory.mktemp("learn")
+    cohort = generate_cohort(root / "cohort", SynthConfig(patients=10, seed=5, slide_size=2048))
+    shards = root / "shards"
+    report = extract_cohort(read_cohort(cohort), shards, ExtractParams(tile_size=64, mpp=1.0), progress=False)
+    assert report.ok
+    splits = root / "splits.json"
+    write_splits(make_splits(shards, 2, seed=0), splits)
+    return shards, splits
+
+
+@pytest.fixture(scope="session")
+def trained_model(learn_data, tmp_path_factory) -> Path:
+    """A simple_cnn trained for 3 epochs on :func:`learn_data` (fold 0); the run folder."""
+    from python_task.train import TrainConfig, train
+
+    shards, splits = learn_data
+    out = tmp_path_factory.mktemp("trained")
+    train(TrainConfig(shards=shards, splits=splits, fold=0, arch="simple_cnn", out=out, epochs=3, batch_size=32,
+                      lr=5e-4, augment="flip,rot90", verbose=False, tensorboard=False, patience=0))
+    return out

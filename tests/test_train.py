@@ -16,23 +16,6 @@ from python_task.sweep import METRICS
 from python_task.train import TrainConfig, train
 
 
-@pytest.fixture(scope="module")
-def learn_data(tmp_path_factory):
-    """A synthetic cohort of 10 patients cut at 1 µm/px into 64-px tiles, with a 2-fold patient split."""
-    from python_task.extract import ExtractParams, extract_cohort, read_cohort
-    from python_task.splits import make_splits, write_splits
-    from python_task.synth import SynthConfig, generate_cohort
-
-    root = tmp_path_factory.mktemp("learn")
-    cohort = generate_cohort(root / "cohort", SynthConfig(patients=10, seed=5, slide_size=2048))
-    shards = root / "shards"
-    report = extract_cohort(read_cohort(cohort), shards, ExtractParams(tile_size=64, mpp=1.0), progress=False)
-    assert report.ok
-    splits = root / "splits.json"
-    write_splits(make_splits(shards, 2, seed=0), splits)
-    return shards, splits
-
-
 def _cfg(data, out, **kw) -> TrainConfig:
     shards, splits = data
     base = dict(shards=shards, splits=splits, fold=0, arch="simple_cnn", out=out, epochs=1, batch_size=16,
