@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from python_task.errors import TaskError
-from python_task.fileio import write_csv_atomic, write_json_atomic
+from python_task.fileio import atomic_path, write_csv_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -389,6 +389,9 @@ def run_epochs(cfg: TrainConfig, model, train_model, data: RunData, state: RunSt
             if cfg.patience and state.wait >= cfg.patience:
                 state.stopped_early = True
         state.epoch = epoch + 1
+        if improved:  # the best model's validation predictions: finish_run reuses them instead of predicting again
+            with atomic_path(ckpt / f"val_prob_epoch{epoch + 1}.npy") as tmp, open(tmp, "wb") as fh:
+                np.save(fh, prob)
         save_checkpoint(ckpt, model, train_model, state, best=improved)
         if tb is not None:
             tb(epoch + 1, row)
@@ -490,7 +493,10 @@ def finish_run(cfg: TrainConfig, data: RunData, state: RunState, policy: str, t_
     import python_task.models  # noqa: F401 - registers the custom layers
 
     best = keras.saving.load_model(cfg.out / CHECKPOINT_DIR / "best.keras", compile=False)
-    prob = predict_index(best, data.val_batches)
+    saved_prob = cfg.out / CHECKPOINT_DIR / f"val_prob_epoch{state.best_epoch}.npy"
+    prob = np.load(saved_prob) if saved_prob.exists() else predict_index(best, data.val_batches)
+    if len(prob) != len(data.val_index):
+        prob = predict_index(best, data.val_batches)
     y = data.val_index.labels
     metrics = evaluation_metrics(y, prob, data.val_index.slide_ids, data.val_index.patient_ids, loss=bce(y, prob))
     metrics.update(train_seconds=float(state.train_seconds), epochs_run=float(state.epoch),
