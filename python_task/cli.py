@@ -253,7 +253,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                                     "predict")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--patients", type=int, default=6, help="synthetic patients (default 6)")
-    p.add_argument("--epochs", type=int, default=4, help="epochs per training point (default 4)")
+    p.add_argument("--epochs", type=int, default=3, help="epochs per training point (default 3)")
     p.add_argument("--jobs", type=int, default=1, help="training points run in parallel (default 1)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(handler=_run_demo)

@@ -29,7 +29,7 @@ class DemoConfig:
     folds: int = 3
     archs: tuple[str, ...] = ("simple_cnn", "unet_encoder")
     stains: tuple[str, ...] = ("none", "macenko")
-    epochs: int = 4
+    epochs: int = 3
     input_size: int = 64
     tile_size: int = 128
     mpp: float = 1.0
@@ -39,8 +39,8 @@ class DemoConfig:
 def demo_plan(cfg: DemoConfig) -> dict:
     return {"shards": "shards", "splits": "splits.json",
             "factors": {"arch": list(cfg.archs), "stain": list(cfg.stains), "fold": list(range(cfg.folds))},
-            "fixed": {"epochs": cfg.epochs, "input_size": cfg.input_size, "batch_size": 32, "lr": 0.002,
-                      "augment": "flip,rot90", "base_filters": 16, "seed": cfg.seed, "patience": 0}}
+            "fixed": {"epochs": cfg.epochs, "input_size": cfg.input_size, "batch_size": 32, "lr": 0.001,
+                      "augment": "flip,rot90", "base_filters": 8, "seed": cfg.seed, "patience": 0}}
 
 
 def _stage(name: str) -> float:
