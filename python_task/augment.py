@@ -319,17 +319,19 @@ def bilinear_sample(images, ys, xs):
     return corner(i00, w00) + corner(i01, w01) + corner(i10, w10) + corner(i11, w11)
 
 
-def _smooth_basis(size: int, sigma: float, max_nodes: int = 48) -> np.ndarray:
+def _smooth_basis(size: int, sigma: float, max_nodes: int = 48, at: np.ndarray | None = None) -> np.ndarray:
     """``(size, n)``: gaussian bumps of ``sigma`` px on nodes spaced ``1.5 sigma`` (at most ``max_nodes`` of
     them, widening the bumps if needed) covering the tile plus ``3 sigma`` on each side; each row has unit L2
     norm, so ``G @ noise @ G'.T`` with standard normal ``noise`` is a smooth field of unit variance everywhere:
-    white noise smoothed by a gaussian, the elastic field of Simard et al. 2003."""
+    white noise smoothed by a gaussian, the elastic field of Simard et al. 2003. ``at``: evaluate the rows at
+    these pixel positions instead of ``0 .. size - 1`` (a coarse lattice, upsampled afterwards)."""
     span = size - 1 + 6.0 * sigma
     spacing = max(1.5 * sigma, span / (max_nodes - 1))
     sigma = max(sigma, spacing / 1.5)
     n = int(math.ceil(span / spacing)) + 1
     nodes = (np.arange(n) - (n - 1) / 2.0) * spacing + (size - 1) / 2.0
-    g = np.exp(-0.5 * ((np.arange(size)[:, None] - nodes[None, :]) / sigma) ** 2)
+    positions = np.arange(size) if at is None else np.asarray(at, dtype=np.float64)
+    g = np.exp(-0.5 * ((positions[:, None] - nodes[None, :]) / sigma) ** 2)
     return (g / np.linalg.norm(g, axis=1, keepdims=True)).astype(np.float32)
 
 

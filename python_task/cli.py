@@ -118,6 +118,7 @@ def _run_split(args: argparse.Namespace) -> int:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
+    from python_task.train import AUGMENT_ENGINES as ENGINES
     from python_task.train import OPTIMIZERS
 
     p = sub.add_parser("train", help="train and evaluate one model on one fold (one experiment point)")
@@ -133,6 +134,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0, help="weight decay (default 0)")
     p.add_argument("--dropout", type=float, default=0.3, help="dropout before the classifier (default 0.3)")
     p.add_argument("--augment", default="none", help="comma-separated augmentations, e.g. flip,rot90,elastic,hed")
+    p.add_argument("--augment-on", choices=ENGINES, default="auto",
+                   help="where augmentation runs: pipeline (OpenCV in the reader threads, fast on a CPU), model "
+                        "(Keras layers on the backend's device), auto (model with a GPU, else pipeline)")
     p.add_argument("--stain", default="none", help="stain normalisation: none, macenko, reinhard")
     p.add_argument("--stain-reference", type=Path, help="reference tile (image or .npy) for stain normalisation")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -170,7 +174,8 @@ def _run_train(args: argparse.Namespace) -> int:
     options = {k: getattr(args, k) for k in AUGMENT_OPTION_FLAGS if getattr(args, k) is not None}
     cfg = TrainConfig(shards=args.shards, splits=args.splits, fold=args.fold, arch=args.arch, out=args.out,
                       lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, optimizer=args.optimizer,
-                      weight_decay=args.weight_decay, dropout=args.dropout, augment=args.augment, stain=args.stain,
+                      weight_decay=args.weight_decay, dropout=args.dropout, augment=args.augment,
+                      augment_on=args.augment_on, stain=args.stain,
                       stain_reference=args.stain_reference, seed=args.seed, weights=args.weights,
                       freeze_backbone=args.freeze_backbone, unfreeze_at=args.unfreeze_at,
                       input_size=args.input_size, balance=args.balance, class_weights=args.class_weights,
@@ -184,10 +189,14 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _add_augment_preview(sub: argparse._SubParsersAction) -> None:
+    from python_task.train import AUGMENT_ENGINES as ENGINES
+
     p = sub.add_parser("augment-preview", help="draw original and augmented tiles side by side (PNG)")
     p.add_argument("--shards", required=True, type=Path, help="folder of shards")
     p.add_argument("--out", required=True, type=Path, help="PNG file to write")
     p.add_argument("--augment", default="flip,rot90,elastic,hed", help="augmentations to show")
+    p.add_argument("--augment-on", choices=ENGINES, default="auto",
+                   help="which implementation draws them (as train's --augment-on)")
     p.add_argument("--stain", default="none", help="stain normalisation to apply first")
     p.add_argument("--tiles", type=int, default=6, help="number of original tiles (rows)")
     p.add_argument("--columns", type=int, default=4, help="augmented versions per tile")
@@ -199,7 +208,7 @@ def _run_augment_preview(args: argparse.Namespace) -> int:
     from python_task.preview import render_preview
 
     path = render_preview(args.shards, args.out, augment=args.augment, stain=args.stain, n=args.tiles,
-                          columns=args.columns, seed=args.seed)
+                          columns=args.columns, seed=args.seed, engine=args.augment_on)
     print(f"preview written: {path}")
     return 0
 

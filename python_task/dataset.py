@@ -200,6 +200,19 @@ class ShardBatches(keras.utils.PyDataset):
         return self.index.labels[self._order]
 
 
+class ChainTransform:
+    """Batch transforms applied in order (stain normalisation, then augmentation), each given the batch's
+    generator."""
+
+    def __init__(self, *steps: BatchTransform | None) -> None:
+        self.steps = [t for t in steps if t is not None]
+
+    def __call__(self, batch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        for step in self.steps:
+            batch = step(batch, rng)
+        return batch
+
+
 def iterate_batches(batches: ShardBatches, threads: int = 2):
     """Yield the batches in order, fetched ``threads`` at a time (for evaluation and benchmarks)."""
     with ThreadPoolExecutor(max_workers=threads) as pool:

@@ -2,7 +2,8 @@
 like tissue (``python -m python_task augment-preview --shards DIR --out grid.png``).
 
 Each row is one tile, picked across classes and shards (seeded): the original, the stain-normalised tile when a
-normalisation is asked for, then ``columns`` augmented versions drawn by the same layers training uses.
+normalisation is asked for, then ``columns`` augmented versions drawn by the implementation training uses
+(``--augment-on``).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from python_task.augment import AugmentOptions, build_augmenter, parse_augment
+from python_task.augment_cv import PipelineAugmenter, resolve_engine
 from python_task.errors import TaskError
 from python_task.fileio import atomic_path
+from python_task.train import accelerator_present
 
 
 def pick_tiles(index, n: int, seed: int) -> np.ndarray:
@@ -49,8 +52,11 @@ def pick_tiles(index, n: int, seed: int) -> np.ndarray:
 
 def render_preview(shards_dir: str | os.PathLike[str], out_png: str | os.PathLike[str], *,
                    augment: str = "flip,rot90,elastic,hed", stain: str = "none", n: int = 6, columns: int = 4,
-                   seed: int = 0, options: AugmentOptions = AugmentOptions()) -> Path:
-    """Draw ``n`` rows (original [, normalised], ``columns`` augmented versions) to ``out_png`` (atomically)."""
+                   seed: int = 0, options: AugmentOptions = AugmentOptions(), engine: str = "auto") -> Path:
+    """Draw ``n`` rows (original [, normalised], ``columns`` augmented versions) to ``out_png`` (atomically).
+
+    ``engine``: the implementation that draws the augmentations, as ``train --augment-on`` (``auto`` resolves as
+    it does in ``train``)."""
     from matplotlib.figure import Figure
 
     from python_task.dataset import TileFetcher, build_index
@@ -62,7 +68,17 @@ def render_preview(shards_dir: str | os.PathLike[str], out_png: str | os.PathLik
         raise TaskError("--columns", f"must be 0 or more, got {columns}")
     names = parse_augment(augment)
     normalizer = make_normalizer(stain)
-    augmenter = build_augmenter(names, seed=seed, options=options) if columns else None
+    engine = resolve_engine(engine, accelerator_present())
+    if not columns or not names:
+        augmenter = None
+    elif engine == "pipeline":
+        cpu = PipelineAugmenter(names, options)
+        rng = np.random.default_rng([seed, 11])
+
+        def augmenter(x, training=True):
+            return cpu(x, rng)
+    else:
+        augmenter = build_augmenter(names, seed=seed, options=options)
     if augmenter is None and normalizer is None:
         raise TaskError("--augment", "nothing to preview: no augmentation (and no stain normalisation) selected")
 
@@ -85,7 +101,7 @@ def render_preview(shards_dir: str | os.PathLike[str], out_png: str | os.PathLik
     rows, cols = len(positions), len(panels)
     size = 2.0
     fig = Figure(figsize=(cols * size + 0.9, rows * size + 0.8), dpi=max(72, min(200, index.tile_size / size)))
-    title = f"augment: {', '.join(names) if names else 'none'}   stain: {stain}   seed: {seed}"
+    title = f"augment: {', '.join(names) if names else 'none'} ({engine})   stain: {stain}   seed: {seed}"
     if passed:
         title += f"   ({passed} tile(s) passed through normalisation unchanged)"
     fig.suptitle(title, fontsize=10)

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
 OPTIMIZERS = ("adam", "adamw", "sgd")
+AUGMENT_ENGINES = ("auto", "pipeline", "model")  # --augment-on (python_task.augment_cv.resolve_engine)
 # Settings that may change between a killed run and its resumption without invalidating the checkpoint.
 RESUME_FREE_FIELDS = {"workers", "verbose", "tensorboard"}
 
@@ -54,6 +55,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     dropout: float = 0.3
     augment: str = "none"
+    augment_on: str = "auto"  # pipeline (OpenCV in the reader threads) | model (Keras layers) | auto
     stain: str = "none"
     stain_reference: Path | None = None
     seed: int = 0
@@ -83,6 +85,7 @@ class TrainConfig:
 
 def validate_config(cfg: TrainConfig) -> None:
     from python_task.augment import parse_augment
+    from python_task.augment_cv import resolve_engine
     from python_task.dataset import BALANCE_MODES
     from python_task.models import ARCHITECTURES
     from python_task.stain import STAIN_METHODS
@@ -104,6 +107,7 @@ def validate_config(cfg: TrainConfig) -> None:
         if not ok:
             raise TaskError(option, f"{why} (got {getattr(cfg, option[2:].replace('-', '_'))!r})")
     parse_augment(cfg.augment)
+    resolve_engine(cfg.augment_on, accelerator=False)
     if cfg.weights is not None and not Path(cfg.weights).exists():
         raise TaskError(cfg.weights, "weights file not found")
 
@@ -166,8 +170,10 @@ def library_versions() -> dict[str, str]:
 
 # --------------------------------------------------------------------------------------------- model
 
-def build_training_model(cfg: TrainConfig, tile_size: int):
-    """The saved model (resize + normalisation + backbone + head) and the training wrapper with augmentation."""
+def build_training_model(cfg: TrainConfig, tile_size: int, engine: str = "model"):
+    """The saved model (resize + normalisation + backbone + head) and the training wrapper with augmentation
+    (the model itself when there is no augmentation or when it runs in the input pipeline, ``engine``
+    ``pipeline``)."""
     import keras
 
     from python_task.augment import AugmentOptions, build_augmenter, parse_augment
@@ -182,6 +188,8 @@ def build_training_model(cfg: TrainConfig, tile_size: int):
         model = keras.Model(inputs, core(x), name=f"{cfg.arch}_{size}")
     else:
         model = core
+    if engine == "pipeline":
+        return model, model
     options = AugmentOptions(**cfg.augment_options)
     augmenter = build_augmenter(parse_augment(cfg.augment), seed=cfg.seed, options=options)
     if augmenter is None:
@@ -218,10 +226,14 @@ class RunData:
     val_batches: Any
     normalizer: Any
     manifest_digest: str
+    stain_transforms: list[Any] = field(default_factory=list)
 
 
-def prepare_data(cfg: TrainConfig, start_epoch: int) -> RunData:
-    from python_task.dataset import ShardBatches, build_index
+def prepare_data(cfg: TrainConfig, start_epoch: int, engine: str = "model") -> RunData:
+    """Indexes, batches and stain normaliser of a run; with ``engine`` ``pipeline`` the training batches are
+    augmented in the reader threads (after stain normalisation)."""
+    from python_task.augment_cv import PipelineAugmenter
+    from python_task.dataset import ChainTransform, ShardBatches, build_index
     from python_task.splits import load_fold, manifest_digest
 
     fold = load_fold(cfg.splits, cfg.shards, cfg.fold)
@@ -231,17 +243,21 @@ def prepare_data(cfg: TrainConfig, start_epoch: int) -> RunData:
         raise TaskError(cfg.splits, f"fold {cfg.fold}: the training set has a single class "
                         f"({train_index.class_counts()}); a classifier cannot be trained")
     normalizer = load_or_fit_normalizer(cfg, train_index)
-    transform = None
+    stain = val_stain = None
     if normalizer is not None:
         from python_task.stain import StainTransform
 
-        transform = StainTransform(normalizer)
+        stain, val_stain = StainTransform(normalizer), StainTransform(normalizer)
+    augmenter = None
+    if engine == "pipeline":
+        augmenter = PipelineAugmenter(cfg.augment, cfg.augment_options) or None
+    transform = ChainTransform(stain, augmenter) if stain is not None and augmenter is not None else stain or augmenter
     train_batches = ShardBatches(train_index, cfg.batch_size, shuffle=True, balance=cfg.balance, seed=cfg.seed,
                                  transform=transform, workers=cfg.workers, epoch=start_epoch)
-    val_transform = StainTransform(normalizer) if normalizer is not None else None
     val_batches = ShardBatches(val_index, max(cfg.batch_size, 64), shuffle=False, seed=cfg.seed,
-                               transform=val_transform, workers=cfg.workers)
-    return RunData(train_index, val_index, train_batches, val_batches, normalizer, manifest_digest(cfg.shards))
+                               transform=val_stain, workers=cfg.workers)
+    return RunData(train_index, val_index, train_batches, val_batches, normalizer, manifest_digest(cfg.shards),
+                   [t for t in (stain, val_stain) if t is not None])
 
 
 def _subset(index, limit: int, seed: int):
@@ -301,6 +317,7 @@ class RunState:
     history: list[dict[str, float]] = field(default_factory=list)
     train_seconds: float = 0.0
     stopped_early: bool = False
+    augment_on: str = ""  # the engine the run started with: a resumed run keeps it (its checkpoint depends on it)
 
 
 class EpochProgress:
@@ -487,6 +504,7 @@ def write_predictions(path: Path, index, prob: np.ndarray) -> None:
 def finish_run(cfg: TrainConfig, data: RunData, state: RunState, policy: str, t_start: float) -> dict[str, float]:
     import keras
 
+    from python_task.augment import parse_augment
     from python_task.metrics import evaluation_metrics
     from python_task.models import count_params
 
@@ -517,7 +535,8 @@ def finish_run(cfg: TrainConfig, data: RunData, state: RunState, policy: str, t_
         "train_class_counts": data.train_index.class_counts(), "val_class_counts": data.val_index.class_counts(),
         "manifest_digest": data.manifest_digest, "threshold": metrics["threshold"],
         "stain_file": "stain.json" if data.normalizer is not None else None,
-        "stopped_early": state.stopped_early}, "versions": library_versions()}
+        "stopped_early": state.stopped_early,
+        "augment_on": state.augment_on if parse_augment(cfg.augment) else None}, "versions": library_versions()}
     write_json_atomic(cfg.out / "config.json", config)
     write_json_atomic(cfg.out / "metrics.json", metrics)  # last: its presence means the run is complete
     return metrics
@@ -525,11 +544,9 @@ def finish_run(cfg: TrainConfig, data: RunData, state: RunState, policy: str, t_
 
 def _passthrough_fraction(data: RunData) -> float:
     seen = passthrough = 0
-    for batches in (data.train_batches, data.val_batches):
-        t = batches.transform
-        if t is not None:
-            seen += t.seen
-            passthrough += t.passthrough
+    for t in data.stain_transforms:
+        seen += t.seen
+        passthrough += t.passthrough
     return passthrough / seen if seen else 0.0
 
 
@@ -555,9 +572,11 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         model = inner_model(train_model)
         if cfg.verbose:
             print(f"resuming {cfg.out} after epoch {state.epoch}", file=sys.stderr)
-    data = prepare_data(cfg, state.epoch)
+    if not state.augment_on:
+        state.augment_on = augment_engine(cfg)
+    data = prepare_data(cfg, state.epoch, state.augment_on)
     if not resuming:
-        model, train_model = build_training_model(cfg, data.train_index.tile_size)
+        model, train_model = build_training_model(cfg, data.train_index.tile_size, state.augment_on)
         compile_model(train_model, cfg, cfg.lr)
         write_json_atomic(cfg.out / "run_config.json", cfg.to_json())
     if cfg.verbose:
@@ -571,6 +590,17 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         print(f"val_auc {metrics['val_auc']:.4f}, slide AUC {metrics['val_slide_auc']:.4f}, patient AUC "
               f"{metrics['val_patient_auc']:.4f}; outputs in {cfg.out}", file=sys.stderr)
     return metrics
+
+
+def augment_engine(cfg: TrainConfig) -> str:
+    """Where augmentation runs: ``--augment-on``, with ``auto`` resolved by the hardware (see
+    :func:`python_task.augment_cv.resolve_engine`); ``model`` when there is no augmentation (nothing runs)."""
+    from python_task.augment import parse_augment
+    from python_task.augment_cv import resolve_engine
+
+    if not parse_augment(cfg.augment):
+        return "model"
+    return resolve_engine(cfg.augment_on, accelerator_present())
 
 
 def _finished_metrics(cfg: TrainConfig) -> dict[str, float] | None:

@@ -48,10 +48,11 @@ def test_bench_input_quick(tmp_path: Path) -> None:
     for key in ("pipeline_tiles_per_s", "png_folder_tiles_per_s", "ratio_pipeline_vs_png",
                 "jpeg_decode_1_thread_tiles_per_s", "fetch_uint8_2_threads_tiles_per_s", "bytes_per_tile_jpeg",
                 "bytes_per_tile_png", "augment_combined_tiles_per_s", "ratio_augment_combined_vs_png",
-                "augment_combined_no_xla_tiles_per_s", "data_wait_fraction"):
+                "augment_combined_layers_xla_tiles_per_s", "augment_combined_layers_no_xla_tiles_per_s",
+                "data_wait_fraction"):
         assert finite(r[key]) and r[key] >= 0, key
     assert r["tiles"] > 0 and 0 <= r["data_wait_fraction"] <= 1
-    aug = r["augment_xla_tiles_per_s"]
+    aug = r["augment_pipeline_tiles_per_s"]
     assert set(aug) == {"none", "flip", "rot90", "rotate", "scale", "elastic", "grid", "hed",
                         "flip,rot90,elastic,hed"}
     assert all(finite(v) and v > 0 for v in aug.values())

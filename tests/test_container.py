@@ -28,7 +28,7 @@ PYPROJECT = REPO_ROOT / "pyproject.toml"
 
 COMPILERS = ("build-essential", "gcc", "g++", "clang", "cmake", "make", "gfortran", "python3-dev", "libc6-dev")
 # Same package under another name (conda-forge name or platform-specific wheel) -> the canonical name.
-ALIASES = {"tensorflow-cpu": "tensorflow", "matplotlib-base": "matplotlib", "py-opencv": "opencv-python"}
+ALIASES = {"tensorflow-cpu": "tensorflow", "matplotlib-base": "matplotlib", "py-opencv": "opencv-python-headless"}
 NOT_DEPENDENCIES = {"python", "pip"}
 
 
