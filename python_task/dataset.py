@@ -140,7 +140,11 @@ class TileFetcher:
 
 
 class ShardBatches(keras.utils.PyDataset):
-    """Batches ``(x, y)`` for ``model.fit``: x float32 ``(B, T, T, 3)`` in [0, 255], y float32 ``(B, 1)``.
+    """Batches ``(x, y)`` for ``model.fit``: x ``(B, T, T, 3)`` in [0, 255], y float32 ``(B, 1)``.
+
+    x is float32 by default; ``dtype=None`` hands over what the reader (uint8) or the transform produced: the
+    model casts on its device (``train`` does this: a quarter of the bytes to copy and queue, no conversion pass
+    in the reader threads).
 
     Each epoch draws a new order from ``seed`` and the epoch number, so a run is repeatable and a resumed run
     continues the same sequence. ``transform`` (augmentation) gets each batch and a generator seeded from
@@ -149,7 +153,7 @@ class ShardBatches(keras.utils.PyDataset):
 
     def __init__(self, index: TileIndex, batch_size: int = 64, *, shuffle: bool = True, balance: str = "none",
                  seed: int = 0, transform: BatchTransform | None = None, workers: int = 2,
-                 drop_remainder: bool = False, epoch: int = 0, **kwargs) -> None:
+                 drop_remainder: bool = False, epoch: int = 0, dtype: str | None = "float32", **kwargs) -> None:
         super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=max(4, 2 * workers), **kwargs)
         if batch_size < 1:
             raise TaskError("--batch-size", f"must be at least 1, got {batch_size}")
@@ -160,6 +164,7 @@ class ShardBatches(keras.utils.PyDataset):
         self.seed = seed
         self.transform = transform
         self.drop_remainder = drop_remainder
+        self.dtype = dtype
         self.fetcher = TileFetcher(index)
         self.epoch = epoch
         self._order = self._make_order(epoch)
@@ -191,7 +196,7 @@ class ShardBatches(keras.utils.PyDataset):
         if self.transform is not None:
             x = self.transform(x, np.random.default_rng([self.seed, self.epoch, i, 7]))
         y = self.index.labels[pos].astype(np.float32)[:, None]
-        return x.astype(np.float32, copy=False), y
+        return (x if self.dtype is None else x.astype(self.dtype, copy=False)), y
 
     def on_epoch_end(self) -> None:
         self.set_epoch(self.epoch + 1)

@@ -253,9 +253,9 @@ def prepare_data(cfg: TrainConfig, start_epoch: int, engine: str = "model") -> R
         augmenter = PipelineAugmenter(cfg.augment, cfg.augment_options) or None
     transform = ChainTransform(stain, augmenter) if stain is not None and augmenter is not None else stain or augmenter
     train_batches = ShardBatches(train_index, cfg.batch_size, shuffle=True, balance=cfg.balance, seed=cfg.seed,
-                                 transform=transform, workers=cfg.workers, epoch=start_epoch)
+                                 transform=transform, workers=cfg.workers, epoch=start_epoch, dtype=None)
     val_batches = ShardBatches(val_index, max(cfg.batch_size, 64), shuffle=False, seed=cfg.seed,
-                               transform=val_stain, workers=cfg.workers)
+                               transform=val_stain, workers=cfg.workers, dtype=None)
     return RunData(train_index, val_index, train_batches, val_batches, normalizer, manifest_digest(cfg.shards),
                    [t for t in (stain, val_stain) if t is not None])
 

@@ -60,7 +60,9 @@ def test_bench_input_quick(tmp_path: Path) -> None:
     assert all(finite(v) and v > 0 for v in r["stain_tiles_per_s"].values())
     assert finite(r["train_images_per_s"]["simple_cnn"]["images_per_s"])
     assert set(r["targets"]) == {"pipeline >= 5 x PNG folder", "pipeline + flip,rot90,elastic,hed >= 3 x PNG folder",
-                                 "data wait < 10 % of a simple_cnn step"}
+                                 "data wait < 10 % of a simple_cnn step",
+                                 "data wait with flip,rot90,elastic,hed < 10 % of a simple_cnn step"}
+    assert 0 <= r["data_wait_augmented_fraction"] <= 1
 
 
 def test_bench_learning_quick(tmp_path: Path) -> None:
