@@ -40,6 +40,7 @@ from python_task.augment import (ELASTIC_SIGMAS, GEOMETRIC, AugmentOptions, _lin
 from python_task.errors import TaskError
 from python_task.stain import HED_FROM_RGB, RGB_FROM_HED
 from python_task.train import AUGMENT_ENGINES as ENGINES
+
 _LOG_LUT = np.log(np.arange(256, dtype=np.float64) + 1.0).astype(np.float32).reshape(256, 1)
 _LN256 = math.log(256.0)
 
@@ -180,21 +181,20 @@ class PipelineAugmenter:
         return cv2.remap(tile, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
 
     def _elastic_field(self, h: int, w: int, std: float, rng: np.random.Generator) -> np.ndarray:
-        by, bx = _coarse_smooth_basis(h, self.options.elastic_sigma), _coarse_smooth_basis(w, self.options.elastic_sigma)
+        sigma = self.options.elastic_sigma
+        by, bx = _coarse_smooth_basis(h, sigma), _coarse_smooth_basis(w, sigma)
         noise = rng.standard_normal((by.shape[1], bx.shape[1]), dtype=np.float32) * np.float32(std)
         coarse = by @ noise @ bx.T
         return cv2.resize(coarse, (w, h), interpolation=cv2.INTER_LINEAR)
 
     def _grid_fields(self, h: int, w: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         steps = int(self.options.grid_steps)
-        g = steps + 1
-        ly, lx = _linear_basis(h, steps), _linear_basis(w, steps)
-        inner = np.zeros((g, g), np.float32)
-        inner[1:-1, 1:-1] = 1.0  # border control points stay on the border
+        ly, lx = _grid_basis(h, steps), _grid_basis(w, steps)
+        inner = _grid_inner(steps + 1)
         fields = []
         for cell in ((h - 1) / steps, (w - 1) / steps):
-            nodes = rng.uniform(-1.0, 1.0, (g, g)).astype(np.float32) * np.float32(self.grid_distort * cell) * inner
-            fields.append(ly @ nodes @ lx.T)
+            nodes = rng.uniform(-1.0, 1.0, inner.shape).astype(np.float32) * np.float32(self.grid_distort * cell)
+            fields.append(ly @ (nodes * inner) @ lx.T)
         return fields[0], fields[1]
 
 
@@ -223,6 +223,23 @@ def _centred_grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     yy.setflags(write=False)
     xx.setflags(write=False)
     return yy, xx
+
+
+@lru_cache(maxsize=16)
+def _grid_basis(size: int, steps: int) -> np.ndarray:
+    """The layers' linear interpolation from the grid's control points, cached (read-only, shared by threads)."""
+    basis = _linear_basis(size, steps)
+    basis.setflags(write=False)
+    return basis
+
+
+@lru_cache(maxsize=4)
+def _grid_inner(g: int) -> np.ndarray:
+    """1 on the inner control points of a ``g`` x ``g`` grid, 0 on the border ones, which stay on the border."""
+    inner = np.zeros((g, g), np.float32)
+    inner[1:-1, 1:-1] = 1.0
+    inner.setflags(write=False)
+    return inner
 
 
 @lru_cache(maxsize=16)

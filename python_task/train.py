@@ -85,7 +85,6 @@ class TrainConfig:
 
 def validate_config(cfg: TrainConfig) -> None:
     from python_task.augment import parse_augment
-    from python_task.augment_cv import resolve_engine
     from python_task.dataset import BALANCE_MODES
     from python_task.models import ARCHITECTURES
     from python_task.stain import STAIN_METHODS
@@ -102,12 +101,12 @@ def validate_config(cfg: TrainConfig) -> None:
               ("--optimizer", cfg.optimizer in OPTIMIZERS, f"choose from {', '.join(OPTIMIZERS)}"),
               ("--balance", cfg.balance in BALANCE_MODES, f"choose from {', '.join(BALANCE_MODES)}"),
               ("--stain", cfg.stain in STAIN_METHODS, f"choose from {', '.join(STAIN_METHODS)}"),
+              ("--augment-on", cfg.augment_on in AUGMENT_ENGINES, f"choose from {', '.join(AUGMENT_ENGINES)}"),
               ("--mixed-precision", cfg.mixed_precision in ("auto", "on", "off"), "choose from auto, on, off")]
     for option, ok, why in checks:
         if not ok:
             raise TaskError(option, f"{why} (got {getattr(cfg, option[2:].replace('-', '_'))!r})")
     parse_augment(cfg.augment)
-    resolve_engine(cfg.augment_on, accelerator=False)
     if cfg.weights is not None and not Path(cfg.weights).exists():
         raise TaskError(cfg.weights, "weights file not found")
 
@@ -251,7 +250,7 @@ def prepare_data(cfg: TrainConfig, start_epoch: int, engine: str = "model") -> R
     augmenter = None
     if engine == "pipeline":
         augmenter = PipelineAugmenter(cfg.augment, cfg.augment_options) or None
-    transform = ChainTransform(stain, augmenter) if stain is not None and augmenter is not None else stain or augmenter
+    transform = ChainTransform(stain, augmenter) if stain or augmenter else None
     train_batches = ShardBatches(train_index, cfg.batch_size, shuffle=True, balance=cfg.balance, seed=cfg.seed,
                                  transform=transform, workers=cfg.workers, epoch=start_epoch, dtype=None)
     val_batches = ShardBatches(val_index, max(cfg.batch_size, 64), shuffle=False, seed=cfg.seed,
@@ -317,7 +316,6 @@ class RunState:
     history: list[dict[str, float]] = field(default_factory=list)
     train_seconds: float = 0.0
     stopped_early: bool = False
-    augment_on: str = ""  # the engine the run started with: a resumed run keeps it (its checkpoint depends on it)
 
 
 class EpochProgress:
@@ -501,7 +499,8 @@ def write_predictions(path: Path, index, prob: np.ndarray) -> None:
     write_csv_atomic(path, rows, fieldnames=["slide_id", "patient_id", "x", "y", "label", "prob"])
 
 
-def finish_run(cfg: TrainConfig, data: RunData, state: RunState, policy: str, t_start: float) -> dict[str, float]:
+def finish_run(cfg: TrainConfig, data: RunData, state: RunState, policy: str, t_start: float,
+               engine: str) -> dict[str, float]:
     import keras
 
     from python_task.augment import parse_augment
@@ -536,7 +535,7 @@ def finish_run(cfg: TrainConfig, data: RunData, state: RunState, policy: str, t_
         "manifest_digest": data.manifest_digest, "threshold": metrics["threshold"],
         "stain_file": "stain.json" if data.normalizer is not None else None,
         "stopped_early": state.stopped_early,
-        "augment_on": state.augment_on if parse_augment(cfg.augment) else None}, "versions": library_versions()}
+        "augment_on": engine if parse_augment(cfg.augment) else None}, "versions": library_versions()}
     write_json_atomic(cfg.out / "config.json", config)
     write_json_atomic(cfg.out / "metrics.json", metrics)  # last: its presence means the run is complete
     return metrics
@@ -570,13 +569,14 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     if resuming:
         state, train_model = load_checkpoint(ckpt)
         model = inner_model(train_model)
+        engine = checkpoint_engine(cfg, train_model)
         if cfg.verbose:
             print(f"resuming {cfg.out} after epoch {state.epoch}", file=sys.stderr)
-    if not state.augment_on:
-        state.augment_on = augment_engine(cfg)
-    data = prepare_data(cfg, state.epoch, state.augment_on)
+    else:
+        engine = augment_engine(cfg)
+    data = prepare_data(cfg, state.epoch, engine)
     if not resuming:
-        model, train_model = build_training_model(cfg, data.train_index.tile_size, state.augment_on)
+        model, train_model = build_training_model(cfg, data.train_index.tile_size, engine)
         compile_model(train_model, cfg, cfg.lr)
         write_json_atomic(cfg.out / "run_config.json", cfg.to_json())
     if cfg.verbose:
@@ -584,7 +584,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
               f"{data.train_index.class_counts()}, {len(data.val_index)} validation tiles "
               f"{data.val_index.class_counts()}, {policy}", file=sys.stderr)
     state = run_epochs(cfg, model, train_model, data, state, ckpt)
-    metrics = finish_run(cfg, data, state, policy, t_start)
+    metrics = finish_run(cfg, data, state, policy, t_start, engine)
     shutil.rmtree(ckpt, ignore_errors=True)  # model.keras is the best checkpoint; the rest is no longer needed
     if cfg.verbose:
         print(f"val_auc {metrics['val_auc']:.4f}, slide AUC {metrics['val_slide_auc']:.4f}, patient AUC "
@@ -601,6 +601,16 @@ def augment_engine(cfg: TrainConfig) -> str:
     if not parse_augment(cfg.augment):
         return "model"
     return resolve_engine(cfg.augment_on, accelerator_present())
+
+
+def checkpoint_engine(cfg: TrainConfig, train_model) -> str:
+    """The engine a checkpointed run started with, read off its model: a resumed run must keep it (with the
+    layers in the saved wrapper, augmenting in the pipeline too would augment twice)."""
+    from python_task.augment import parse_augment
+
+    if not parse_augment(cfg.augment) or train_model.name == "train_wrapper":
+        return "model"
+    return "pipeline"
 
 
 def _finished_metrics(cfg: TrainConfig) -> dict[str, float] | None:

@@ -179,3 +179,18 @@ def test_train_with_pipeline_augmentation_records_the_engine(learn_data, tmp_pat
     with pytest.raises(TaskError, match="--augment-on"):
         train(TrainConfig(shards=shards, splits=splits, fold=0, arch="simple_cnn", out=tmp_path / "bad",
                           augment_on="gpu"))
+
+
+def test_a_resumed_run_keeps_the_engine_its_checkpoint_was_made_with(tmp_path):
+    keras = pytest.importorskip("keras")
+    from python_task.augment import build_augmenter
+    from python_task.train import TrainConfig, checkpoint_engine
+
+    cfg = TrainConfig(shards=tmp_path, splits=tmp_path / "s.json", fold=0, arch="simple_cnn", out=tmp_path,
+                      augment="flip,hed", augment_on="auto")
+    inner = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(1)])
+    wrapper = keras.Sequential([keras.Input((8, 8, 3)), build_augmenter("flip,hed", seed=0), inner],
+                               name="train_wrapper")
+    assert checkpoint_engine(cfg, wrapper) == "model"  # layers in the checkpoint: never augment twice
+    assert checkpoint_engine(cfg, inner) == "pipeline"
+    assert checkpoint_engine(TrainConfig(**{**cfg.__dict__, "augment": "none"}), inner) == "model"
