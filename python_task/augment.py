@@ -332,7 +332,11 @@ def _smooth_basis(size: int, sigma: float, max_nodes: int = 48, at: np.ndarray |
     nodes = (np.arange(n) - (n - 1) / 2.0) * spacing + (size - 1) / 2.0
     positions = np.arange(size) if at is None else np.asarray(at, dtype=np.float64)
     g = np.exp(-0.5 * ((positions[:, None] - nodes[None, :]) / sigma) ** 2)
-    return (g / np.linalg.norm(g, axis=1, keepdims=True)).astype(np.float32)
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    # bumps beyond ~6 sigma are zero, not float32 denormals: products of those run ~20x slower on x86 (a 0.2 ms
+    # matrix product per tile instead of 0.01 ms) and add nothing to the field
+    g[g < 1e-8] = 0.0
+    return g.astype(np.float32)
 
 
 def _linear_basis(size: int, steps: int) -> np.ndarray:

@@ -133,9 +133,9 @@ class TileFetcher:
             data = ds[uniq] if len(uniq) > 1 else ds[uniq[0]:uniq[0] + 1]
             if readers[s].info.codec == "raw":
                 out[where[order]] = data[inverse]
-            else:
+            else:  # decoded straight into the batch: no intermediate tile, no copy of the JPEG bytes
                 for k, j in enumerate(inverse):
-                    out[where[order[k]]] = imagecodecs.jpeg8_decode(data[j].tobytes())
+                    imagecodecs.jpeg8_decode(data[j], out=out[where[order[k]]])
         return out
 
 

@@ -58,8 +58,9 @@ def test_flips_and_quarter_turns_are_exact_pixel_permutations(names, expected):
     assert used == expected
 
 
-def test_symmetries_folded_into_the_warp_are_exact_too():
-    """Zero deformation ranges with flips and rotations on: the remap's integer coordinates copy pixels."""
+def test_symmetries_with_a_warp_are_exact_too():
+    """Zero deformation ranges with flips and rotations on: the remap's integer coordinates copy pixels, then
+    the symmetry permutes them."""
     opts = AugmentOptions(rotate_degrees=0.0, scale_range=0.0)
     aug = PipelineAugmenter("flip,rot90,rotate,scale", opts)
     assert aug.geometric
@@ -113,8 +114,10 @@ def test_elastic_field_has_the_layers_magnitude_and_smoothness():
     opts = AugmentOptions(elastic_alpha=8.0, elastic_sigma=6.0)
     aug = PipelineAugmenter("elastic", opts)
     rng = np.random.default_rng(0)
-    fields = np.stack([aug._elastic_field(128, 128, opts.elastic_alpha / 4, rng) for _ in range(200)])
-    assert fields.shape == (200, 128, 128)
+    pairs = np.stack([aug._elastic_field(128, 128, opts.elastic_alpha / 4, rng) for _ in range(100)])
+    assert pairs.shape == (100, 128, 128, 2) and pairs.dtype == np.float32  # (x, y) displacements per pixel
+    assert abs(np.corrcoef(pairs[:, 64, 64, 0], pairs[:, 64, 64, 1])[0, 1]) < 0.3  # drawn independently
+    fields = np.concatenate([pairs[..., 0], pairs[..., 1]])
     std = fields[:, 8:-8, 8:-8].std()
     assert 1.6 < std < 2.4, std
     near = np.corrcoef(fields[:, 64, 64], fields[:, 64, 66])[0, 1]  # 2 px apart: nearly the same displacement
