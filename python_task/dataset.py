@@ -21,7 +21,7 @@ import keras
 import numpy as np
 
 from python_task.errors import TaskError
-from python_task.shards import ShardInfo, ShardReader, list_shards
+from python_task.shards import ShardInfo, ShardReader, list_shards, read_encoded_rows
 
 BALANCE_MODES = ("none", "oversample", "undersample")
 BatchTransform = Callable[[np.ndarray, np.random.Generator], np.ndarray]
@@ -111,9 +111,7 @@ class TileFetcher:
     def _readers(self) -> list[ShardReader]:
         readers = getattr(self._local, "readers", None)
         if readers is None:
-            readers = [ShardReader.__new__(ShardReader) for _ in self.index.shards]
-            for reader, info in zip(readers, self.index.shards):
-                reader.path, reader.info, reader._file = info.path, info, None
+            readers = [ShardReader.from_info(info) for info in self.index.shards]
             self._local.readers = readers
         return readers
 
@@ -127,13 +125,13 @@ class TileFetcher:
             where = np.flatnonzero(shard_of == s)
             rows = self.index.tile[positions[where]]
             order = np.argsort(rows, kind="stable")
-            rows_sorted = rows[order]
-            uniq, inverse = np.unique(rows_sorted, return_inverse=True)
-            ds = readers[s].file["images"]
-            data = ds[uniq] if len(uniq) > 1 else ds[uniq[0]:uniq[0] + 1]
+            uniq, inverse = np.unique(rows[order], return_inverse=True)
+            ds = readers[s].images_dataset
             if readers[s].info.codec == "raw":
+                data = ds[uniq] if len(uniq) > 1 else ds[uniq[0]:uniq[0] + 1]
                 out[where[order]] = data[inverse]
             else:  # decoded straight into the batch: no intermediate tile, no copy of the JPEG bytes
+                data = read_encoded_rows(ds, uniq)
                 for k, j in enumerate(inverse):
                     imagecodecs.jpeg8_decode(data[j], out=out[where[order[k]]])
         return out

@@ -16,10 +16,12 @@ import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import h5py
+from h5py import h5s, h5t
 import imagecodecs
 import numpy as np
 
@@ -197,7 +199,15 @@ class ShardReader:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._file: h5py.File | None = None
+        self._images: h5py.Dataset | None = None
         self.info = read_shard_info(self.path)
+
+    @classmethod
+    def from_info(cls, info: ShardInfo) -> ShardReader:
+        """A reader for a shard already described by ``info`` (no file opened until the first read)."""
+        reader = cls.__new__(cls)
+        reader.path, reader.info, reader._file, reader._images = info.path, info, None, None
+        return reader
 
     @property
     def file(self) -> h5py.File:
@@ -205,12 +215,19 @@ class ShardReader:
             self._file = open_shard_file(self.path)
         return self._file
 
+    @property
+    def images_dataset(self) -> h5py.Dataset:
+        """The ``images`` dataset, opened once (re-opening it per read costs a lookup and its chunk cache)."""
+        if self._images is None:
+            self._images = self.file["images"]
+        return self._images
+
     def __len__(self) -> int:
         return self.info.n_tiles
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_file"] = None
+        state["_file"] = state["_images"] = None
         return state
 
     def field(self, name: str) -> np.ndarray:
@@ -240,6 +257,7 @@ class ShardReader:
         return self.images([i])[0]
 
     def close(self) -> None:
+        self._images = None
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -249,6 +267,27 @@ class ShardReader:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def read_encoded_rows(images: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
+    """The stored bytes of ``rows`` (sorted, no repeats) of a ``jpeg`` shard's variable-length ``images``: an
+    object array of uint8 arrays, one JPEG file each.
+
+    One point selection and one ``H5Dread``, as ``images[rows]`` does but without h5py's fancy-index machinery
+    (a hyperslab per row, built in Python), which costs about half as much again as the read itself and, like
+    the read, runs under h5py's global lock: the serial part of the reader threads."""
+    rows = np.asarray(rows, dtype=np.int64)
+    out = np.empty(len(rows), dtype=images.dtype)
+    if len(rows):
+        fspace = images.id.get_space()
+        fspace.select_elements(rows.reshape(-1, 1))
+        images.id.read(h5s.create_simple((len(rows),)), fspace, out, _vlen_memory_type(images.dtype))
+    return out
+
+
+@lru_cache(maxsize=4)
+def _vlen_memory_type(dtype: np.dtype) -> h5t.TypeID:
+    return h5t.py_create(dtype)
 
 
 def _strictly_increasing(a: np.ndarray) -> bool:

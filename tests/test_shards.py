@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from python_task.errors import TaskError
-from python_task.shards import (ShardReader, ShardWriter, decode_jpeg, encode_jpeg, list_shards, read_shard_info,
-                                write_manifest)
+from python_task.shards import (ShardReader, ShardWriter, decode_jpeg, encode_jpeg, list_shards, read_encoded_rows,
+                                read_shard_info, write_manifest)
 
 
 def _tiles(n: int, t: int = 32, seed: int = 0) -> np.ndarray:
@@ -72,6 +72,22 @@ def test_reader_returns_requested_order(tmp_path):
     with ShardReader(path) as r:
         np.testing.assert_array_equal(r.images([4, 1, 3]), tiles[[4, 1, 3]])
         np.testing.assert_array_equal(r.images([2, 2]), tiles[[2, 2]])
+
+
+def test_encoded_rows_are_the_stored_jpeg_files(tmp_path):
+    """The one-selection read of the reader threads returns exactly what h5py's indexing returns."""
+    path = tmp_path / "S1.h5"
+    _write(path, "jpeg", _tiles(9))
+    with h5py.File(path, "r") as f:
+        ds = f["images"]
+        rows = np.array([0, 3, 4, 8])
+        got = read_encoded_rows(ds, rows)
+        assert len(got) == 4 and all(np.array_equal(a, ds[int(r)]) for a, r in zip(got, rows))
+        assert bytes(got[1][:2]) == b"\xff\xd8" and got[1].dtype == np.uint8
+        assert len(read_encoded_rows(ds, np.array([], np.int64))) == 0
+    with ShardReader(path) as r:
+        assert r.images_dataset is r.images_dataset  # opened once
+        np.testing.assert_array_equal(decode_jpeg(read_encoded_rows(r.images_dataset, np.array([5]))[0]), r.image(5))
 
 
 def _sampling_factors(jpeg: bytes) -> list[int]:
