@@ -63,6 +63,8 @@ def test_bench_input_quick(tmp_path: Path) -> None:
                                  "data wait < 10 % of a simple_cnn step",
                                  "data wait with flip,rot90,elastic,hed < 10 % of a simple_cnn step"}
     assert 0 <= r["data_wait_augmented_fraction"] <= 1
+    assert 0 <= r["slowdown_fraction"] <= 1 and 0 <= r["slowdown_augmented_fraction"] <= 1
+    assert r["data_wait"]["steps"] > 0 and r["data_wait"]["waited_seconds"] <= r["data_wait"]["seconds"]
 
 
 def test_bench_learning_quick(tmp_path: Path) -> None:
