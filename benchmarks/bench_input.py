@@ -349,7 +349,7 @@ def main() -> int:
     ap.add_argument("--tile-size", type=int, default=256, help="tile size in px (default 256)")
     ap.add_argument("--stride", type=int, default=128, help="tiling stride in px (default 128: overlapping tiles)")
     ap.add_argument("--batch-size", type=int, default=64, help="pipeline batch size (default 64)")
-    ap.add_argument("--repeats", type=int, default=2, help="alternating epochs of (a) and (b) (default 2)")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating epochs of (a) and (b) (default 3)")
     ap.add_argument("--aug-batches", type=int, default=12,
                     help="batches per augmentation / stain measurement (default 12)")
     ap.add_argument("--train-archs", default="simple_cnn,resnet50", help="architectures for training images/s")
