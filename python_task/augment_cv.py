@@ -21,8 +21,9 @@ Per tile, in this order:
   computed on a lattice of ``elastic_sigma / 2`` px and upsampled bilinearly (it is smooth at that scale);
 * ``flip`` / ``rot90``: ``cv2.transpose`` / ``cv2.flip`` (after the remap, if any): exact pixel permutations.
 
-Per 256 px tile on one core of the 2-core machine this is about 0.6 ms for flip+rot90+elastic+hed together,
-against about 0.5 ms to read and decode the tile (``benchmarks/bench_input.py`` measures the pipeline).
+Per 256 px tile on one core of the 2-core machine this is about 0.7-0.9 ms for flip+rot90+elastic+hed together
+(remap ~0.2, HED ~0.23, elastic field and fixed-point maps ~0.18), against about 0.5 ms to read and decode the
+tile (``benchmarks/bench_input.py`` measures the pipeline).
 
 Randomness comes from the generator the pipeline hands to each batch, seeded from (seed, epoch, batch)
 (:class:`python_task.dataset.ShardBatches`): a run is repeatable whatever the thread scheduling, and a resumed run
