@@ -175,8 +175,11 @@ class PipelineAugmenter:
         lattice, resized bilinearly to every pixel."""
         sigma = self.options.elastic_sigma
         by, bx = _coarse_smooth_basis(h, sigma), _coarse_smooth_basis(w, sigma)
-        noise = rng.standard_normal((2, by.shape[1], bx.shape[1]), dtype=np.float32) * np.float32(std)
-        coarse = cv2.merge([by @ noise[0] @ bx.T, by @ noise[1] @ bx.T])
+        (ny, my), (nx, mx) = by.shape, bx.shape
+        noise = rng.standard_normal((my, mx * 2), dtype=np.float32)  # (my, mx, 2): the x and y fields interleaved
+        noise *= np.float32(std)
+        # by @ noise_c @ bx.T for both fields at once, already interleaved: two products, no merge
+        coarse = np.matmul(bx, (by @ noise).reshape(ny, mx, 2))
         return cv2.resize(coarse, (w, h), interpolation=cv2.INTER_LINEAR)
 
     def _grid_field(self, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
