@@ -297,7 +297,7 @@ def loop_wait(model, index, batch: int, steps: int, repeats: int, transform=None
             "step_seconds": total / max(done, 1), "fraction": fraction}
 
 
-def data_wait(model, index, batch: int, steps: int, repeats: int, transform=None, label: str = "") -> dict:
+def fit_slowdown(model, index, batch: int, steps: int, repeats: int, transform=None, label: str = "") -> dict:
     """Keras fit on the ShardBatches (as ``train`` makes them, optionally with a reader-thread ``transform``) vs
     on one cached batch served by a PyDataset the same way (2 threads)."""
     import keras
@@ -334,7 +334,7 @@ def data_wait(model, index, batch: int, steps: int, repeats: int, transform=None
                 cached.append(timed_fit(Cached(2 * steps)))
     fraction = max(0.0, 1.0 - sum(cached) / sum(real))
     log(f"  fit {steps} steps{label}: real data {np.mean(real):.2f} s, cached batch {np.mean(cached):.2f} s "
-        f"-> data wait {100 * fraction:.1f} %")
+        f"-> fit slowdown {100 * fraction:.1f} %")
     return {"steps": steps, "batch": batch, "repeats": repeats, "real_seconds": real, "cached_seconds": cached,
             "step_seconds_real": sum(real) / (steps * repeats), "step_seconds_cached": sum(cached) / (steps * repeats),
             "fraction": fraction}
@@ -432,9 +432,9 @@ def main() -> int:
         loop = loop_wait(model, index, args.train_batch, args.wait_steps, args.repeats)
         loop_aug = loop_wait(model, index, args.train_batch, args.wait_steps, args.repeats, transform=combined_aug,
                              label=f" + {AUG_COMBINED}")
-        wait = data_wait(model, index, args.train_batch, args.wait_steps, args.repeats)
-        wait_aug = data_wait(model, index, args.train_batch, args.wait_steps, args.repeats, transform=combined_aug,
-                             label=f" + {AUG_COMBINED}")
+        slow = fit_slowdown(model, index, args.train_batch, args.wait_steps, args.repeats)
+        slow_aug = fit_slowdown(model, index, args.train_batch, args.wait_steps, args.repeats, transform=combined_aug,
+                                label=f" + {AUG_COMBINED}")
 
         combined = aug[AUG_COMBINED]
         report = {
@@ -458,8 +458,8 @@ def main() -> int:
             "stain_passthrough_fraction": passthrough,
             "train_images_per_s": rates, "data_wait": loop, "data_wait_fraction": loop["fraction"],
             "data_wait_augmented": loop_aug, "data_wait_augmented_fraction": loop_aug["fraction"],
-            "slowdown": wait, "slowdown_fraction": wait["fraction"],
-            "slowdown_augmented": wait_aug, "slowdown_augmented_fraction": wait_aug["fraction"],
+            "slowdown": slow, "slowdown_fraction": slow["fraction"],
+            "slowdown_augmented": slow_aug, "slowdown_augmented_fraction": slow_aug["fraction"],
             "loadavg_start": list(load_start), "loadavg_end": list(os.getloadavg()),
             "seconds": time.perf_counter() - t_start,
         }
@@ -493,7 +493,7 @@ def main() -> int:
         print(f"  training at {args.tile_size} px, CPU:")
         for k, v in rates.items():
             print(f"    {k:<24}: {v['images_per_s']:8.2f} images/s (batch {v['batch']}, {v['steps']} steps)")
-        for label, lw, sw in (("", loop, wait), (f" + {AUG_COMBINED}", loop_aug, wait_aug)):
+        for label, lw, sw in (("", loop, slow), (f" + {AUG_COMBINED}", loop_aug, slow_aug)):
             print(f"  simple_cnn{label}: data wait {100 * lw['fraction']:.1f} % of a step "
                   f"({1000 * lw['waited_seconds'] / max(lw['steps'], 1):.1f} ms of {lw['step_seconds']:.3f} s); "
                   f"fit slowdown vs a cached batch {100 * sw['fraction']:.1f} % "

@@ -11,9 +11,9 @@ Per tile, in this order:
 
 * ``hed``: optical density ``-ln((x + 1) / 256)``, Ruifrok deconvolution, per stain ``c * (1 + U(-sigma, sigma))
   + U(-bias, bias)``, back to RGB: one 3x3 map in log space, done as a 256-entry look-up table (``ln(x + 1)``),
-  ``cv2.transform`` (the 3x3 map plus offset), ``cv2.exp`` and one rounding subtraction back to ``uint8``. It comes before the
-  spatial deformation (the layers put it after): a per-pixel colour map commutes with pixel permutations exactly
-  and with bilinear interpolation up to rounding, and on ``uint8`` it is cheaper;
+  ``cv2.transform`` (the 3x3 map plus offset), ``cv2.exp`` and one rounding subtraction back to ``uint8``. It
+  comes before the spatial deformation (the layers put it after): a per-pixel colour map commutes with pixel
+  permutations exactly and with bilinear interpolation up to rounding, and on ``uint8`` it is cheaper;
 * ``rotate`` / ``scale`` / ``elastic`` / ``grid``: one source coordinate per pixel (the affine part plus the
   displacement fields, as one ``(H, W, 2)`` map) and one bilinear ``cv2.remap`` with reflected borders
   (``BORDER_REFLECT_101``, the layers' whole-sample mirror) through fixed-point maps. The elastic field is the

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import h5py
-from h5py import h5s, h5t
 import imagecodecs
 import numpy as np
+from h5py import h5s, h5t
 
 from python_task import FORMAT_VERSION
 from python_task.errors import TaskError
@@ -236,7 +236,7 @@ class ShardReader:
 
     def images(self, indices: Iterable[int] | slice | None = None) -> np.ndarray:
         """Decoded RGB tiles ``(n, T, T, 3)`` uint8, in the order of ``indices``."""
-        ds = self.file["images"]
+        ds = self.images_dataset
         if indices is None:
             indices = slice(None)
         if isinstance(indices, slice):
@@ -250,7 +250,9 @@ class ShardReader:
                 out[order] = ds[idx[order]] if _strictly_increasing(idx[order]) else np.stack(
                     [ds[i] for i in idx[order]])
             return out
-        return np.stack([decode_jpeg(ds[i]) for i in idx]) if len(idx) else np.empty(
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        data = read_encoded_rows(ds, uniq)
+        return np.stack([decode_jpeg(data[j]) for j in inverse]) if len(idx) else np.empty(
             (0, self.info.tile_size, self.info.tile_size, 3), np.uint8)
 
     def image(self, i: int) -> np.ndarray:
