@@ -33,8 +33,10 @@ run, on the TensorFlow backend, CPU:
 
 Targets: (a) >= 5 x (b); flip+rot90+elastic+hed pipeline >= 3 x (b);
 data wait < 10 % of a step, without and with that augmentation (the slowdown is reported beside it).
-Also reported: the one-thread JPEG decode rate of the same tiles (the ceiling of (a) is about twice that on two
-cores) and the bytes per tile of both formats.
+Also reported: read + decode on one thread (what one core delivers: the ceiling of (a) is about twice that on two
+cores), the one-thread JPEG decode rate of 256 of the same tiles decoded again and again (cache-hot: the decoder
+alone), the bytes per tile of both formats, and the one-thread cost per tile of each step of flip+rot90+elastic+hed
+(HED, elastic field and fixed-point maps, remap) and of the whole.
 """
 
 from __future__ import annotations
@@ -196,6 +198,41 @@ def decode_rate(data: list[bytes], seconds: float = 1.5) -> float:
             imagecodecs.jpeg8_decode(d)
         n += len(data)
     return n / (time.perf_counter() - t0)
+
+
+def augment_step_costs(sub, n: int = 64, seconds: float = 0.5) -> dict[str, float]:
+    """Milliseconds per tile, one thread, of each step of flip+rot90+elastic+hed on the pipeline engine (OpenCV),
+    and of the whole of it, on ``n`` real tiles of ``sub``: where the augmented pipeline's time goes."""
+    import cv2
+
+    from python_task.augment_cv import PipelineAugmenter, _pixel_grid, apply_hed
+    from python_task.dataset import TileFetcher
+
+    tiles = TileFetcher(sub).fetch(np.arange(min(n, len(sub))))
+    h, w = tiles.shape[1:3]
+    aug = PipelineAugmenter(AUG_COMBINED)
+    rng = np.random.default_rng(0)
+    std = aug.elastic_alpha / 4
+    maps = cv2.add(_pixel_grid(h, w), aug._elastic_field(h, w, std, rng))
+    xy, frac = cv2.convertMaps(maps, None, cv2.CV_16SC2)
+    scale, shift = np.array([1.03, 0.97, 1.02]), np.array([0.01, -0.01, 0.0])
+    steps = {
+        "hed": lambda t: apply_hed(t, scale, shift),
+        "elastic field + fixed-point maps": lambda t: cv2.convertMaps(
+            cv2.add(_pixel_grid(h, w), aug._elastic_field(h, w, std, rng)), None, cv2.CV_16SC2),
+        "remap": lambda t: cv2.remap(t, xy, frac, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101),
+        AUG_COMBINED: lambda t: aug.augment_tile(t, rng),
+    }
+    out = {}
+    for name, step in steps.items():
+        done, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            for t in tiles:
+                step(t)
+            done += len(tiles)
+        out[name] = 1000 * (time.perf_counter() - t0) / done
+        log(f"  one thread, {name:<32}: {out[name]:.3f} ms a tile")
+    return out
 
 
 def pipeline_augment_rates(sub, batch_size: int, specs: list[str]) -> dict[str, float]:
@@ -397,11 +434,13 @@ def main() -> int:
         pipe_tps, png_tps = float(np.mean(pipe)), float(np.mean(png))
         decode_tps = decode_rate(jpeg_data)
         fetch_tps = fetch_rate(index, args.batch_size)
+        fetch1_tps = fetch_rate(index, args.batch_size, threads=1)
 
         # (c) augmentation and (d) stain, on a fixed random subset of whole batches
         sub = subset(index, args.aug_batches * args.batch_size, seed=5)
         base_a = pipeline_rate(sub, args.batch_size, seed=50, augment=lambda b: b)
         aug = pipeline_augment_rates(sub, args.batch_size, [*AUG_SINGLE, AUG_COMBINED])
+        step_ms = augment_step_costs(sub)
         base_b = pipeline_rate(sub, args.batch_size, seed=51, augment=lambda b: b)
         aug = {"none": (base_a + base_b) / 2, **aug}
         log(f"  augment none (before / after): {base_a:.0f} / {base_b:.0f} tiles/s")
@@ -446,8 +485,9 @@ def main() -> int:
             "ratio_pipeline_vs_png": pipe_tps / png_tps,
             "pipeline_epochs_tiles_per_s": pipe, "png_epochs_tiles_per_s": png,
             "jpeg_decode_1_thread_tiles_per_s": decode_tps, "fetch_uint8_2_threads_tiles_per_s": fetch_tps,
+            "fetch_uint8_1_thread_tiles_per_s": fetch1_tps,
             "bytes_per_tile_jpeg": jpeg_bpt, "bytes_per_tile_png": png_bpt, "png_write_seconds": png_write_s,
-            "augment_tiles": len(sub), "augment_pipeline_tiles_per_s": aug,
+            "augment_tiles": len(sub), "augment_pipeline_tiles_per_s": aug, "augment_step_ms_per_tile": step_ms,
             "augment_pipeline_ratio_vs_png": {k: v / png_tps for k, v in aug.items()},
             "augment_combined": AUG_COMBINED, "augment_combined_tiles_per_s": combined,
             "ratio_augment_combined_vs_png": combined / png_tps,
@@ -477,11 +517,17 @@ def main() -> int:
               f"baseline")
         print(f"  read + decode only (uint8), 2 threads   : {fetch_tps:8.0f} tiles/s = {fetch_tps / png_tps:.2f} x "
               f"baseline (no float32 batch)")
-        print(f"  JPEG decode alone, 1 thread (ceiling/2) : {decode_tps:8.0f} tiles/s; bytes/tile JPEG "
+        print(f"  read + decode only (uint8), 1 thread    : {fetch1_tps:8.0f} tiles/s = {1000 / fetch1_tps:.3f} ms a "
+              f"tile (2 threads: x{fetch_tps / fetch1_tps:.2f})")
+        print(f"  JPEG decode alone, 1 thread, cache-hot  : {decode_tps:8.0f} tiles/s; bytes/tile JPEG "
               f"{jpeg_bpt / 1024:.1f} KiB, PNG {png_bpt / 1024:.1f} KiB")
         print(f"  augmentation in the reader threads, OpenCV (--augment-on pipeline; {len(sub)} tiles each):")
         for k, v in aug.items():
             print(f"    {k:<24}: {v:8.0f} tiles/s = {v / png_tps:.2f} x baseline")
+        print("  where the combination's time goes, one thread, ms a tile (JPEG decode alone: "
+              f"{1000 / decode_tps:.3f}):")
+        for k, v in step_ms.items():
+            print(f"    {k:<32}: {v:6.3f}")
         print("  the same combination on the Keras layers (--augment-on model), after the pipeline:")
         for label, v in ((f"{AUG_COMBINED} XLA", aug_xla[AUG_COMBINED]),
                          (f"{AUG_COMBINED} no XLA", aug_nojit[AUG_COMBINED])):

@@ -46,7 +46,8 @@ def finite(value) -> bool:
 def test_bench_input_quick(tmp_path: Path) -> None:
     r = run_bench("bench_input.py", tmp_path)
     for key in ("pipeline_tiles_per_s", "png_folder_tiles_per_s", "ratio_pipeline_vs_png",
-                "jpeg_decode_1_thread_tiles_per_s", "fetch_uint8_2_threads_tiles_per_s", "bytes_per_tile_jpeg",
+                "jpeg_decode_1_thread_tiles_per_s", "fetch_uint8_2_threads_tiles_per_s",
+                "fetch_uint8_1_thread_tiles_per_s", "bytes_per_tile_jpeg",
                 "bytes_per_tile_png", "augment_combined_tiles_per_s", "ratio_augment_combined_vs_png",
                 "augment_combined_layers_xla_tiles_per_s", "augment_combined_layers_no_xla_tiles_per_s",
                 "data_wait_fraction"):
@@ -64,6 +65,9 @@ def test_bench_input_quick(tmp_path: Path) -> None:
                                  "data wait with flip,rot90,elastic,hed < 10 % of a simple_cnn step"}
     assert 0 <= r["data_wait_augmented_fraction"] <= 1
     assert 0 <= r["slowdown_fraction"] <= 1 and 0 <= r["slowdown_augmented_fraction"] <= 1
+    steps = r["augment_step_ms_per_tile"]
+    assert set(steps) == {"hed", "elastic field + fixed-point maps", "remap", "flip,rot90,elastic,hed"}
+    assert all(finite(v) and v > 0 for v in steps.values())
     assert r["data_wait"]["steps"] > 0 and r["data_wait"]["waited_seconds"] <= r["data_wait"]["seconds"]
 
 
