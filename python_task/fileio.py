@@ -12,11 +12,29 @@ from pathlib import Path
 from typing import Any
 
 
+def current_umask() -> int:
+    """The process's umask (read without changing it where /proc tells it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def temporary_sibling(final: Path) -> Path:
-    """A unique temporary name in the same folder as ``final`` (so the rename is atomic)."""
+    """A unique temporary name in the same folder as ``final`` (so the rename is atomic), with the mode a plain
+    ``open(final, "w")`` would give (0666 less the umask): ``mkstemp`` creates 0600, which no colleague on a shared
+    filesystem, and no container running as another user, could read."""
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+    finally:
+        os.close(fd)
     return Path(name)
 
 
