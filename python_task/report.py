@@ -11,6 +11,10 @@ Columns are classified by name:
   ``stdOut``/``stdErr``, anything starting with ``openmole`` and any other ``...seconds``/``...duration`` column;
 * factors: everything else. A *configuration* is every factor but ``fold`` and ``seed``.
 
+A point is one configuration, fold and seed. When the table holds several rows of one point (a plan re-run into
+the same table: OpenMOLE's ``CSVHook`` appends, and ``openmole$experiment`` restarts with each execution), the
+last completed row counts, else the last row; the report says how many rows were superseded.
+
 A point is failed when its ``status`` is not ``ok``; without a ``status`` column, when ``exitCode`` (or
 ``returnValue``) is non-zero; and in any case when every metric is NaN. Failed points are listed in the report,
 never fatal. Means, standard deviations (ddof=1) and 95 % t-intervals of each metric are taken over a
@@ -213,6 +217,7 @@ class Analysis:
     config_factors: list[str]   # factors but fold and seed
     metrics: list[str]          # contract order, then other val_* columns in file order
     points: list[Point]
+    superseded: list[Point] = field(default_factory=list)  # earlier rows of a point that a later row replaces
     groups: dict[tuple[Any, ...], list[Point]] = field(default_factory=dict)
     summary: list[dict[str, Any]] = field(default_factory=list)
 
@@ -280,11 +285,26 @@ def _analyse(rows: Sequence[Mapping[str, Any]], metric: str) -> Analysis:
         values = {m: (math.nan if failed else _to_float(row.get(m))) for m in metric_cols}
         line = row.get("_line")
         points.append(Point(dict(row), config, values, failed, reason, line if isinstance(line, int) else None))
-    an = Analysis(metric, factors, config_factors, metric_cols, points)
+    points, superseded = _latest_per_point(points)
+    an = Analysis(metric, factors, config_factors, metric_cols, points, superseded=superseded)
     for p in points:
         an.groups.setdefault(p.config, []).append(p)
     an.summary = _summary_rows(an)
     return an
+
+
+def _latest_per_point(points: Sequence[Point]) -> tuple[list[Point], list[Point]]:
+    """One row per point (configuration, fold, seed): a re-run of a plan appends its rows to the same table
+    (OpenMOLE's CSVHook does), so the last completed row of a point wins, else its last row. Returns the kept
+    points, in file order, and the superseded ones."""
+    by_key: dict[tuple, list[Point]] = {}
+    for p in points:
+        by_key.setdefault((p.config, _norm_factor(p.row.get("fold")), _norm_factor(p.row.get("seed"))), []).append(p)
+    keep = set()
+    for rows in by_key.values():
+        done = [p for p in rows if not p.failed]
+        keep.add(id((done or rows)[-1]))
+    return [p for p in points if id(p) in keep], [p for p in points if id(p) not in keep]
 
 
 def _norm_factor(value: Any) -> Any:
@@ -692,14 +712,6 @@ def _nan_html(an: Analysis, shown: Sequence[str]) -> str:
             _table("nan-metrics", ["line", *cols, "NaN metrics"], rows))
 
 
-def _duplicates(an: Analysis) -> int:
-    seen: dict[tuple, int] = {}
-    for p in an.points:
-        key = (p.config, _norm_factor(p.row.get("fold")), _norm_factor(p.row.get("seed")))
-        seen[key] = seen.get(key, 0) + 1
-    return sum(n - 1 for n in seen.values() if n > 1)
-
-
 def make_report(results_csv: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
                 metric: str = "val_patient_auc") -> Path:
     """Write ``summary.csv``, the PNG figures and ``report.html`` (last) into ``out_dir``; return the HTML path."""
@@ -727,10 +739,12 @@ def make_report(results_csv: str | os.PathLike[str], out_dir: str | os.PathLike[
     if constant and varying:
         body.append('<p class="note">Same for every configuration: ' +
                     _e(", ".join(f"{f}={_display(an.levels(f)[0])}" for f in constant)) + "</p>")
-    dup = _duplicates(an)
-    if dup:
-        body.append(f'<p class="warn">{dup} duplicate point(s) (same configuration, fold and seed, e.g. a '
-                    f"re-run appended to the same CSV); all are counted.</p>")
+    if an.superseded:
+        lines = ", ".join(str(p.line) for p in an.superseded[:20]) + (" ..." if len(an.superseded) > 20 else "")
+        body.append(f'<p class="warn" id="superseded">{len(an.superseded)} row(s) superseded by a later row of the '
+                    f"same point (same configuration, fold and seed: a re-run appended to the same table); each "
+                    f"point counts once, with its last completed row, else its last row. Superseded lines: "
+                    f"{_e(lines)}.</p>")
 
     body.append("<h2>Ranking</h2>")
     body.append(_ranking_html(an, shown))

@@ -197,6 +197,24 @@ def test_without_status_all_nan_metrics_mean_failed(tmp_path):
     assert s["b"]["rank"] == 1
 
 
+def test_a_rerun_appended_to_the_table_counts_each_point_once(tmp_path):
+    """OpenMOLE's CSVHook appends a second execution's rows to the same file: each point (configuration, fold,
+    seed) counts once, with its last completed row, else its last row."""
+    path = tmp_path / "points.csv"
+    path.write_text("arch,exitCode,fold,openmole$experiment,seed,status,val_auc,val_patient_auc\n"
+                    "a,-1,0,2,0,failed,NaN,NaN\n"      # first run: a node without the data
+                    "a,-1,1,3,0,failed,NaN,NaN\n"
+                    "a,0,0,2,0,ok,0.7,0.8\n"           # second run of the same plan, appended
+                    "a,0,1,3,0,ok,0.9,1.0\n"
+                    "a,0,1,3,1,ok,0.5,0.5\n"           # another seed: another point
+                    "a,1,1,4,1,failed,NaN,NaN\n")     # a later failure does not hide a completed row
+    (row,) = summarize(read_results(path))
+    assert (row["n_points"], row["n_completed"], row["n_failed"]) == (3, 3, 0)
+    assert row["val_patient_auc_mean"] == pytest.approx((0.8 + 1.0 + 0.5) / 3)
+    html = make_report(path, tmp_path / "report").read_text()
+    assert "3 row(s) superseded" in html and "lines: 2, 3, 7" in html
+
+
 def test_factor_values_keep_their_type(tmp_path):
     path = tmp_path / "r.csv"
     path.write_text("stain,lr,batch_size,augment,val_auc,status\n"
