@@ -2,19 +2,21 @@
 # `docker run`. No ENTRYPOINT: OpenMOLE ignores it (it runs `sh /_run_commands.sh`), so everything the commands
 # need is on PATH and in ENV.
 #
-#   docker build -t python-task:0.1.0 .                                   # CPU, Keras on TensorFlow
-#   docker build --build-arg VARIANT=gpu -t python-task:0.1.0-gpu .       # GPU, Keras on JAX + CUDA 12
+#   docker build -t python-task:0.1.0 .                                   # CPU, Keras on TensorFlow (the default)
+#   docker build --target runtime-gpu -t python-task:0.1.0-gpu .          # GPU, Keras on JAX + CUDA 12
 #   docker save python-task:0.1.0 -o openmole/python-task.tar              # for ContainerTask(workDirectory / ...)
 #   apptainer build python-task.sif docker-archive://openmole/python-task.tar
-#   docker run --rm -v "$PWD/data:/data:ro" -v "$PWD/runs/p0:/out" python-task:0.1.0 \
+#   docker run --rm -u "$(id -u):$(id -g)" -v "$PWD/data:/data:ro" -v "$PWD/runs/p0:/out" python-task:0.1.0 \
 #       python -m python_task train --shards /data/shards --splits /data/splits.json --fold 0 --arch simple_cnn --out /out
+# (`podman build` works the same; `-u` makes the files in runs/p0 yours, and lets the run write there whoever
+# owns the folder.)
 #
 # Stages: builder (wheel + venv in /opt/venv, all from PyPI wheels) -> builder-gpu (adds JAX with CUDA 12) ->
-# runtime-base (python slim, user, mount points; no compiler, no apt package) -> runtime-cpu / runtime-gpu (the venv
-# only) -> final, picked by VARIANT. The builder and the runtime use the same base image, so the venv's
-# interpreter link (/usr/local/bin/python3.11) is valid in the runtime.
-
-ARG VARIANT=cpu
+# runtime-base (python slim, user, mount points; no compiler, no apt package) -> runtime-gpu / runtime-cpu (the venv
+# only). The CPU image is the last stage, so a plain build makes it; the GPU image is chosen with --target. (A
+# `FROM runtime-${VARIANT}` picked by a build argument is not resolved by every builder: buildah 1.28, podman 4.3's,
+# ignores the ARG default there.) The builder and the runtime use the same base image, so the venv's interpreter
+# link (/usr/local/bin/python3.11) is valid in the runtime.
 
 # ------------------------------------------------------------------------------------------------ builder
 FROM python:3.11.13-slim-bookworm AS builder
@@ -60,10 +62,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     MPLCONFIGDIR=/tmp/matplotlib \
     HOME=/home/app
 WORKDIR /work
-
-# ------------------------------------------------------------------------------------------------ runtime-cpu
-FROM runtime-base AS runtime-cpu
-COPY --from=builder /opt/venv /opt/venv
+USER 1000:1000
+CMD ["python", "-m", "python_task", "--help"]
 
 # ------------------------------------------------------------------------------------------------ runtime-gpu
 FROM runtime-base AS runtime-gpu
@@ -72,10 +72,7 @@ COPY --from=builder-gpu /opt/venv /opt/venv
 ENV KERAS_BACKEND=jax \
     XLA_PYTHON_CLIENT_PREALLOCATE=false
 
-# ------------------------------------------------------------------------------------------------ final
-# DL3006 ignored: runtime-${VARIANT} names one of the stages above (runtime-cpu or runtime-gpu), not a registry
-# image; hadolint cannot resolve the build argument, the base images themselves are pinned by tag above.
-# hadolint ignore=DL3006
-FROM runtime-${VARIANT} AS final
-USER 1000:1000
-CMD ["python", "-m", "python_task", "--help"]
+# ------------------------------------------------------------------------------------------------ runtime-cpu
+# The last stage: what `docker build .` makes.
+FROM runtime-base AS runtime-cpu
+COPY --from=builder /opt/venv /opt/venv
