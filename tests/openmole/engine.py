@@ -529,27 +529,19 @@ class Engine:
 
     def container_task(self, task: Task, ctx: Mapping[str, Any]) -> dict[str, Any]:
         args = task.args
-        command, return_value = args["positional"][1], args.get("returnValue")
+        return_value = args.get("returnValue")
         error_on_return = args.get("errorOnReturnValue", True)
         ignore_ret = (not error_on_return) or isinstance(return_value, ValRef)
         execution_dir = self.root / f"task-{uuid.uuid4()}"
         execution_dir.mkdir()
         binds = [Bind(*b) for b in self._deploy(task.resources, ctx, execution_dir, container=True)]
         binds += [Bind(h.path, h.destination) for h in args.get("hostFiles", []) if isinstance(h, HostFile)]
-        value = _drop_trailing_empty_lines(expand(command, ctx))
-        commands = [f"{value} ; _PROCESS_RET_CODE_=$? ; true"] if ignore_ret else [value]
         result_dir = self.root / f"result-{uuid.uuid4()}"
         result_dir.mkdir()
-        mapping = []
-        for origin, val in task.output_files:
-            directory = str(uuid.uuid4())
-            resolved = _container_path(expand(origin, ctx))
-            mapping.append((origin, val, result_dir / directory / Path(resolved).name))
-            commands += [f'mkdir -p "{RESULT_BIND}/{directory}/"', f'cp -ra "{resolved}" "{RESULT_BIND}/{directory}/"']
-        if ignore_ret:
-            commands.append("exit $_PROCESS_RET_CODE_")
-        env_vars = [(expand(k, ctx), expand(v, ctx)) for k, v in args.get("environmentVariables", [])]
-        script = singularity_script(emulated_image_env("cpu") + env_vars + [("HOME", CONTAINER_HOME)], commands)
+        commands, copies = container_commands(task, ctx, ignore_ret)
+        mapping = [(origin, val, result_dir / directory / name) for origin, val, directory, name in copies]
+        script = singularity_script(emulated_image_env("cpu") + task_variables(task, ctx) +
+                                    [("HOME", CONTAINER_HOME)], commands)
         script_file = execution_dir / RUN_SCRIPT
         script_file.write_text(script)
         binds += [Bind(str(result_dir), RESULT_BIND), Bind(str(script_file), "/" + RUN_SCRIPT)]
@@ -650,6 +642,27 @@ class Engine:
                 else:
                     shutil.copy2(source, destination)
             self.events.append(Event("hook", where, {"hook": hook.kind, "values": dict(hook_values)}))
+
+
+def container_commands(task: Task, ctx: Mapping[str, Any], ignore_ret: bool) -> tuple[list[str], list[tuple]]:
+    """ContainerTask.process's command list (``CT/ContainerTask.scala:482-510``): the command (with the return code
+    kept when ``ignore_ret``), a copy of each output file into ``/_result_/<uuid>/``, the exit; and for each output
+    file (origin, Val, uuid, file name)."""
+    value = _drop_trailing_empty_lines(expand(task.args["positional"][1], ctx))
+    commands = [f"{value} ; _PROCESS_RET_CODE_=$? ; true"] if ignore_ret else [value]
+    copies = []
+    for origin, val in task.output_files:
+        directory = str(uuid.uuid4())
+        resolved = _container_path(expand(origin, ctx))
+        copies.append((origin, val, directory, Path(resolved).name))
+        commands += [f'mkdir -p "{RESULT_BIND}/{directory}/"', f'cp -ra "{resolved}" "{RESULT_BIND}/{directory}/"']
+    if ignore_ret:
+        commands.append("exit $_PROCESS_RET_CODE_")
+    return commands, copies
+
+
+def task_variables(task: Task, ctx: Mapping[str, Any]) -> list[tuple[str, str]]:
+    return [(expand(k, ctx), expand(v, ctx)) for k, v in task.args.get("environmentVariables", [])]
 
 
 def singularity_script(variables: Sequence[tuple[str, str]], commands: Sequence[str]) -> str:
@@ -782,20 +795,13 @@ def render_point(plan_name: str, settings: Settings, sample: Mapping[str, Any], 
     ctx = {d.val.name: _typed(d.val, d.value) for d in plan.value("pointDefaults").defaults}
     ctx.update(sample)
     task = plan.value("trainInContainer")
-    args = task.args
-    commands = [f"{_drop_trailing_empty_lines(expand(args['positional'][1], ctx))} ; _PROCESS_RET_CODE_=$? ; true"]
-    directory = str(uuid.uuid4())
-    for origin, _ in task.output_files:
-        commands += [f'mkdir -p "{RESULT_BIND}/{directory}/"',
-                     f'cp -ra "{_container_path(expand(origin, ctx))}" "{RESULT_BIND}/{directory}/"']
-    commands.append("exit $_PROCESS_RET_CODE_")
-    env_vars = [(expand(k, ctx), expand(v, ctx)) for k, v in args.get("environmentVariables", [])]
+    commands, copies = container_commands(task, ctx, ignore_ret=True)
     variables = list(image_env if image_env is not None else image_environment(variant="cpu"))
-    script = singularity_script(variables + env_vars + [("HOME", CONTAINER_HOME)], commands)
+    script = singularity_script(variables + task_variables(task, ctx) + [("HOME", CONTAINER_HOME)], commands)
     root.mkdir(parents=True, exist_ok=True)
     binds = engine._deploy(task.resources, ctx, root / "deployed", container=True)
-    binds += [(h.path, h.destination) for h in args.get("hostFiles", [])]
-    return {"script": script, "binds": binds, "result_directory": directory}
+    binds += [(h.path, h.destination) for h in task.args.get("hostFiles", [])]
+    return {"script": script, "binds": binds, "result_directory": copies[0][2]}
 
 
 def main(argv: Sequence[str]) -> int:
