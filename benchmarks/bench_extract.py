@@ -34,7 +34,7 @@ from _common import SHARED_DATA, run_measured, verdict, write_report  # noqa: E4
 EXTRACT_CODE = """
 import sys, time
 from pathlib import Path
-from python_task.extract import ExtractParams, extract_cohort, read_cohort
+from python_task.shards.extract import ExtractParams, extract_cohort, read_cohort
 cohort, out, workers, codec = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 jobs = read_cohort(cohort)
 t0 = time.perf_counter()
@@ -69,14 +69,14 @@ def source_pixels() -> tuple[np.ndarray, str]:
         with openslide.OpenSlide(str(cmu)) as s:
             rgba = np.asarray(s.read_region((0, 0), 0, s.dimensions))
         return np.ascontiguousarray(rgba[..., :3]), f"real pixels of {cmu.name}"
-    from python_task.synth import render_slide
+    from python_task.synth.render import render_slide
 
     rgb, _ = render_slide(np.random.default_rng(0), 2048, "malignant")
     return rgb, "synthetic pixels (shared data absent)"
 
 
 def build_cohort(work: Path, size: int, n_slides: int) -> tuple[Path, str]:
-    from python_task.synth import write_mirrored_copy
+    from python_task.synth.render import write_mirrored_copy
 
     pixels, origin = source_pixels()
     slides = work / "slides"
@@ -102,8 +102,8 @@ def build_cohort(work: Path, size: int, n_slides: int) -> tuple[Path, str]:
 
 
 def tile_plan(shards: Path, cohort: Path) -> dict[str, list[list[int]]]:
-    from python_task.extract import read_cohort
-    from python_task.shards import ShardReader
+    from python_task.shards.extract import read_cohort
+    from python_task.shards.format import ShardReader
 
     plan = {}
     for job in read_cohort(cohort):
@@ -115,7 +115,7 @@ def tile_plan(shards: Path, cohort: Path) -> dict[str, list[list[int]]]:
 def png_bytes_per_tile(shards: Path, n: int = 200) -> float:
     from PIL import Image
 
-    from python_task.shards import ShardReader
+    from python_task.shards.format import ShardReader
 
     shard = sorted(shards.glob("*.h5"))[0]
     with ShardReader(shard) as r:
@@ -131,7 +131,7 @@ def png_bytes_per_tile(shards: Path, n: int = 200) -> float:
 
 def shard_bytes_per_tile(shards: Path, slide_ids: list[str] | None = None) -> float:
     paths = [p for p in shards.glob("*.h5") if slide_ids is None or p.stem in slide_ids]
-    from python_task.shards import read_shard_info
+    from python_task.shards.format import read_shard_info
 
     return sum(p.stat().st_size for p in paths) / sum(read_shard_info(p).n_tiles for p in paths)
 

@@ -59,9 +59,9 @@ def log(msg: str) -> None:
 
 
 def build_data(work: Path, args) -> tuple[Path, Path, dict]:
-    from python_task.extract import ExtractParams, extract_cohort, read_cohort
-    from python_task.splits import make_splits, write_splits
-    from python_task.synth import SynthConfig, generate_cohort
+    from python_task.shards.extract import ExtractParams, extract_cohort, read_cohort
+    from python_task.data.splits import make_splits, write_splits
+    from python_task.synth.render import SynthConfig, generate_cohort
 
     t0 = time.perf_counter()
     cohort = generate_cohort(work / "cohort", SynthConfig(patients=args.patients, seed=args.seed,
@@ -83,7 +83,7 @@ def build_data(work: Path, args) -> tuple[Path, Path, dict]:
 
 def fold_slides(shards: Path, splits: Path, fold: int) -> tuple[list[str], list[str]]:
     """Training and validation slide ids of ``fold``, checked as ``train`` checks them."""
-    from python_task.splits import load_fold
+    from python_task.data.splits import load_fold
 
     f = load_fold(splits, shards, fold)
     return list(f.train_slides), list(f.val_slides)
@@ -100,7 +100,7 @@ def colour_features(tiles: np.ndarray) -> np.ndarray:
 
 
 def index_features(index) -> np.ndarray:
-    from python_task.dataset import TileFetcher
+    from python_task.data.dataset import TileFetcher
 
     fetcher = TileFetcher(index)
     parts = []
@@ -115,8 +115,8 @@ def histogram_baseline(shards: Path, splits: Path, folds: int) -> list[dict]:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from python_task.dataset import build_index
-    from python_task.metrics import auc, group_auc
+    from python_task.data.dataset import build_index
+    from python_task.training.metrics import auc, group_auc
 
     out = []
     for fold in range(folds):
@@ -138,7 +138,7 @@ def run_config(shards: Path, splits: Path, work: Path, args, name: str, arch: st
     """``train`` on every fold; the metrics that matter here, per fold."""
     import keras
 
-    from python_task.train import TrainConfig, train
+    from python_task.training.loop import TrainConfig, train
 
     rows = []
     for fold in range(args.folds):
@@ -169,7 +169,7 @@ def top10_patient_auc(predictions: Path) -> float:
     tiles (malignant patients also have benign regions, which dilute the mean)."""
     import csv
 
-    from python_task.metrics import group_auc
+    from python_task.training.metrics import group_auc
 
     with open(predictions, newline="") as fh:
         rows = list(csv.DictReader(fh))

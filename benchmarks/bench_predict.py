@@ -35,7 +35,7 @@ from bench_extract import source_pixels  # noqa: E402
 
 PREDICT_CODE = """
 import sys, time
-from python_task.predict import predict_slide
+from python_task.inference.predict import predict_slide
 model, slide, out, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 t0 = time.perf_counter()
 s = predict_slide(model, slide, out, batch_size=batch, progress=False)
@@ -51,10 +51,10 @@ except (OSError, StopIteration):
 TRAIN_CODE = """
 import sys
 from pathlib import Path
-from python_task.extract import ExtractParams, extract_cohort, read_cohort
-from python_task.splits import make_splits, write_splits
-from python_task.synth import SynthConfig, generate_cohort
-from python_task.train import TrainConfig, train
+from python_task.shards.extract import ExtractParams, extract_cohort, read_cohort
+from python_task.data.splits import make_splits, write_splits
+from python_task.synth.render import SynthConfig, generate_cohort
+from python_task.training.loop import TrainConfig, train
 work, seed = Path(sys.argv[1]), int(sys.argv[2])
 cohort = generate_cohort(work / "cohort", SynthConfig(patients=4, seed=seed, slide_size=2048))
 shards = work / "shards"
@@ -90,7 +90,7 @@ def warm_cache(path: Path) -> None:
 
 
 def build_slide(path: Path, pixels, size: int) -> float:
-    from python_task.synth import write_mirrored_copy
+    from python_task.synth.render import write_mirrored_copy
 
     t0 = time.perf_counter()
     write_mirrored_copy(path, pixels, size, size, 0.5)

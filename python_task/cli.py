@@ -32,7 +32,7 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_synth(args: argparse.Namespace) -> int:
-    from python_task.synth import SynthConfig, generate_cohort
+    from python_task.synth.render import SynthConfig, generate_cohort
 
     cfg = SynthConfig(patients=args.patients, seed=args.seed, slide_size=args.slide_size, mpp=args.mpp,
                       stain_variation=args.stain_variation)
@@ -75,7 +75,7 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_extract(args: argparse.Namespace) -> int:
-    from python_task.extract import ExtractParams, SlideJob, extract_cohort, read_cohort
+    from python_task.shards.extract import ExtractParams, SlideJob, extract_cohort, read_cohort
 
     params = ExtractParams(tile_size=args.tile_size, mpp=args.mpp, min_coverage=args.min_coverage,
                            min_tissue=args.min_tissue, stride=args.stride, codec=args.codec,
@@ -105,7 +105,7 @@ def _add_split(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_split(args: argparse.Namespace) -> int:
-    from python_task.splits import make_splits, write_splits
+    from python_task.data.splits import make_splits, write_splits
 
     splits = make_splits(args.shards, args.folds, seed=args.seed)
     write_splits(splits, args.out)
@@ -118,8 +118,8 @@ def _run_split(args: argparse.Namespace) -> int:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from python_task.train import AUGMENT_ENGINES as ENGINES
-    from python_task.train import OPTIMIZERS
+    from python_task.training.loop import AUGMENT_ENGINES as ENGINES
+    from python_task.training.loop import OPTIMIZERS
 
     p = sub.add_parser("train", help="train and evaluate one model on one fold (one experiment point)")
     p.add_argument("--shards", required=True, type=Path, help="folder of shards with manifest.csv")
@@ -169,7 +169,7 @@ AUGMENT_OPTION_FLAGS = ("elastic_alpha", "elastic_sigma", "rotate_degrees", "sca
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from python_task.train import TrainConfig, train
+    from python_task.training.loop import TrainConfig, train
 
     options = {k: getattr(args, k) for k in AUGMENT_OPTION_FLAGS if getattr(args, k) is not None}
     cfg = TrainConfig(shards=args.shards, splits=args.splits, fold=args.fold, arch=args.arch, out=args.out,
@@ -189,7 +189,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _add_augment_preview(sub: argparse._SubParsersAction) -> None:
-    from python_task.train import AUGMENT_ENGINES as ENGINES
+    from python_task.training.loop import AUGMENT_ENGINES as ENGINES
 
     p = sub.add_parser("augment-preview", help="draw original and augmented tiles side by side (PNG)")
     p.add_argument("--shards", required=True, type=Path, help="folder of shards")
@@ -205,7 +205,7 @@ def _add_augment_preview(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_augment_preview(args: argparse.Namespace) -> int:
-    from python_task.preview import render_preview
+    from python_task.transforms.preview import render_preview
 
     path = render_preview(args.shards, args.out, augment=args.augment, stain=args.stain, n=args.tiles,
                           columns=args.columns, seed=args.seed, engine=args.augment_on)
@@ -222,7 +222,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
-    from python_task.sweep import run_sweep
+    from python_task.experiments.sweep import run_sweep
 
     report = run_sweep(args.plan, args.out, jobs=args.jobs)
     print(f"results written: {report.results_csv}")
@@ -247,7 +247,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from python_task.predict import predict_slide
+    from python_task.inference.predict import predict_slide
 
     s = predict_slide(args.model, args.slide, args.out, annotations=args.annotations, slide_mpp=args.slide_mpp,
                       batch_size=args.batch_size, min_tissue=args.min_tissue, min_coverage=args.min_coverage,
@@ -269,7 +269,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from python_task.demo import DemoConfig, run_demo
+    from python_task.experiments.demo import DemoConfig, run_demo
 
     run_demo(args.out, DemoConfig(patients=args.patients, epochs=args.epochs, jobs=args.jobs, seed=args.seed))
     return 0
@@ -287,7 +287,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from python_task.report import make_report
+    from python_task.experiments.report import make_report
 
     path = make_report(args.results, args.out, metric=args.metric)
     print(f"report written: {path}")

@@ -228,7 +228,8 @@ def test_wheel_builds_from_the_files_the_dockerfile_copies(tmp_path):
     wheels = list((tmp_path / "wheels").glob("python_task-*.whl"))
     assert len(wheels) == 1, wheels
     names = set(zipfile.ZipFile(wheels[0]).namelist())
-    for module in ("__main__", "cli", "train", "models", "augment", "stain", "splits"):
+    for module in ("__main__", "cli", "training/loop", "training/models", "transforms/augment_layers",
+                   "transforms/stain", "data/splits"):
         assert f"python_task/{module}.py" in names, module
     assert not any(n.startswith("tests/") for n in names)
 

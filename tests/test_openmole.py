@@ -496,7 +496,7 @@ def test_point_command_keeps_the_container_contract():
 # ------------------------------------------------------------------------------------------------ names swept
 
 def test_swept_architectures_are_registered():
-    from python_task.models import ARCHITECTURES
+    from python_task.training.models import ARCHITECTURES
 
     archs = swept_values("arch")
     assert len(archs) >= 3
@@ -504,26 +504,26 @@ def test_swept_architectures_are_registered():
 
 
 def test_swept_stains_are_registered():
-    stain = pytest.importorskip("python_task.stain")
+    stain = pytest.importorskip("python_task.transforms.stain")
     stains = swept_values("stain")
     assert {"none", "macenko"} <= stains
     assert stains <= set(stain.STAIN_METHODS), sorted(stains - set(stain.STAIN_METHODS))
 
 
 def test_swept_augmentations_are_registered():
-    augment = pytest.importorskip("python_task.augment")
+    augment = pytest.importorskip("python_task.transforms.augment_layers")
     levels = swept_values("augment")
     assert "none" in levels and len(levels) >= 3
     for level in levels:
         assert "," not in level, f"{level!r}: CSVHook does not quote values; join augmentations with '+'"
         parts = level.split("+")
         unknown = [p for p in parts if p != "none" and p not in augment.AUGMENTATIONS]
-        assert not unknown, f"{level!r}: {unknown} not in python_task.augment.AUGMENTATIONS"
+        assert not unknown, f"{level!r}: {unknown} not in python_task.transforms.augment_layers.AUGMENTATIONS"
         assert "none" not in parts or parts == ["none"], level
 
 
 def test_swept_optimizers_exist():
-    from python_task.train import OPTIMIZERS
+    from python_task.training.loop import OPTIMIZERS
 
     assert swept_values("optimizer") <= set(OPTIMIZERS)
 
@@ -542,7 +542,7 @@ def test_parsed_metrics_are_the_contract_metrics():
 
 
 def test_contract_metrics_match_the_package():
-    sweep = pytest.importorskip("python_task.sweep")
+    sweep = pytest.importorskip("python_task.experiments.sweep")
     assert tuple(sweep.METRICS) == CONTRACT_METRICS
 
 
@@ -669,8 +669,8 @@ def test_the_point_tail_keeps_the_exit_code_and_drops_the_model(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_data(synth_shards, tmp_path_factory):
     """The session's synthetic shards with a 2-fold patient split."""
-    splits = pytest.importorskip("python_task.splits")
-    pytest.importorskip("python_task.train")
+    splits = pytest.importorskip("python_task.data.splits")
+    pytest.importorskip("python_task.training.loop")
     path = tmp_path_factory.mktemp("openmole_splits") / "splits.json"
     splits.write_splits(splits.make_splits(synth_shards, 2, seed=0), path)
     return synth_shards, path
@@ -718,7 +718,7 @@ def test_point_command_runs(tiny_data, tmp_path):
 
 
 def test_parsed_metrics_exist_in_a_real_run(tiny_data, tmp_path):
-    train = pytest.importorskip("python_task.train")
+    train = pytest.importorskip("python_task.training.loop")
     shards, splits = tiny_data
     cfg = train.TrainConfig(shards=shards, splits=splits, fold=0, arch="simple_cnn", out=tmp_path / "run", epochs=1,
                             input_size=32, max_train_tiles=64, max_val_tiles=64, batch_size=16, workers=1,
