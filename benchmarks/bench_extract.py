@@ -76,7 +76,7 @@ def source_pixels() -> tuple[np.ndarray, str]:
 
 
 def build_cohort(work: Path, size: int, n_slides: int) -> tuple[Path, str]:
-    from python_task.synth.render import write_mirrored_copy
+    from python_task.synth.tiff import write_mirrored_copy
 
     pixels, origin = source_pixels()
     slides = work / "slides"
@@ -102,8 +102,8 @@ def build_cohort(work: Path, size: int, n_slides: int) -> tuple[Path, str]:
 
 
 def tile_plan(shards: Path, cohort: Path) -> dict[str, list[list[int]]]:
-    from python_task.shards.extract import read_cohort
     from python_task.shards.format import ShardReader
+    from python_task.wsi.cohort import read_cohort
 
     plan = {}
     for job in read_cohort(cohort):

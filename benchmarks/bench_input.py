@@ -72,8 +72,11 @@ def log(msg: str) -> None:
 
 def build_tiles(work: Path, args) -> tuple[Path, float]:
     """Synthetic cohort -> JPEG shards; returns the shard folder and the seconds it took."""
-    from python_task.shards.extract import ExtractParams, extract_cohort, read_cohort
-    from python_task.synth.render import SynthConfig, generate_cohort
+    from python_task.shards.extract import extract_cohort
+    from python_task.shards.params import ExtractParams
+    from python_task.synth.cohort import generate_cohort
+    from python_task.synth.config import SynthConfig
+    from python_task.wsi.cohort import read_cohort
 
     t0 = time.perf_counter()
     cohort = generate_cohort(work / "cohort", SynthConfig(patients=args.patients, seed=args.seed,
@@ -205,8 +208,8 @@ def augment_step_costs(sub, n: int = 64, seconds: float = 0.5) -> dict[str, floa
     and of the whole of it, on ``n`` real tiles of ``sub``: where the augmented pipeline's time goes."""
     import cv2
 
-    from python_task.transforms.augment_cv import PipelineAugmenter, _pixel_grid, apply_hed
     from python_task.data.dataset import TileFetcher
+    from python_task.transforms.augment_cv import PipelineAugmenter, _pixel_grid, apply_hed
 
     tiles = TileFetcher(sub).fetch(np.arange(min(n, len(sub))))
     h, w = tiles.shape[1:3]
@@ -249,8 +252,9 @@ def pipeline_augment_rates(sub, batch_size: int, specs: list[str]) -> dict[str, 
 def augment_rates(sub, batch_size: int, jit: bool, specs: list[str]) -> dict[str, float]:
     """Tiles/s of the pipeline over ``sub`` with each augmentation spec run by the Keras layers after the
     pipeline (in the consuming thread), compiled once per spec before timing."""
-    from python_task.transforms.augment_layers import augment_function, build_augmenter, parse_augment
     from python_task.data.dataset import TileFetcher
+    from python_task.transforms.augment_layers import augment_function, build_augmenter
+    from python_task.transforms.augmentations import parse_augment
 
     warm = TileFetcher(sub).fetch(np.arange(batch_size)).astype(np.float32)
     out = {}

@@ -59,9 +59,12 @@ def log(msg: str) -> None:
 
 
 def build_data(work: Path, args) -> tuple[Path, Path, dict]:
-    from python_task.shards.extract import ExtractParams, extract_cohort, read_cohort
     from python_task.data.splits import make_splits, write_splits
-    from python_task.synth.render import SynthConfig, generate_cohort
+    from python_task.shards.extract import extract_cohort
+    from python_task.shards.params import ExtractParams
+    from python_task.synth.cohort import generate_cohort
+    from python_task.synth.config import SynthConfig
+    from python_task.wsi.cohort import read_cohort
 
     t0 = time.perf_counter()
     cohort = generate_cohort(work / "cohort", SynthConfig(patients=args.patients, seed=args.seed,
@@ -138,7 +141,8 @@ def run_config(shards: Path, splits: Path, work: Path, args, name: str, arch: st
     """``train`` on every fold; the metrics that matter here, per fold."""
     import keras
 
-    from python_task.training.loop import TrainConfig, train
+    from python_task.training.config import TrainConfig
+    from python_task.training.loop import train
 
     rows = []
     for fold in range(args.folds):

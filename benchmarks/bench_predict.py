@@ -90,7 +90,7 @@ def warm_cache(path: Path) -> None:
 
 
 def build_slide(path: Path, pixels, size: int) -> float:
-    from python_task.synth.render import write_mirrored_copy
+    from python_task.synth.tiff import write_mirrored_copy
 
     t0 = time.perf_counter()
     write_mirrored_copy(path, pixels, size, size, 0.5)

@@ -496,7 +496,7 @@ def test_point_command_keeps_the_container_contract():
 # ------------------------------------------------------------------------------------------------ names swept
 
 def test_swept_architectures_are_registered():
-    from python_task.training.models import ARCHITECTURES
+    from python_task.training.architectures import ARCHITECTURES
 
     archs = swept_values("arch")
     assert len(archs) >= 3
@@ -511,19 +511,19 @@ def test_swept_stains_are_registered():
 
 
 def test_swept_augmentations_are_registered():
-    augment = pytest.importorskip("python_task.transforms.augment_layers")
+    augment = pytest.importorskip("python_task.transforms.augmentations")
     levels = swept_values("augment")
     assert "none" in levels and len(levels) >= 3
     for level in levels:
         assert "," not in level, f"{level!r}: CSVHook does not quote values; join augmentations with '+'"
         parts = level.split("+")
         unknown = [p for p in parts if p != "none" and p not in augment.AUGMENTATIONS]
-        assert not unknown, f"{level!r}: {unknown} not in python_task.transforms.augment_layers.AUGMENTATIONS"
+        assert not unknown, f"{level!r}: {unknown} not in python_task.transforms.augmentations.AUGMENTATIONS"
         assert "none" not in parts or parts == ["none"], level
 
 
 def test_swept_optimizers_exist():
-    from python_task.training.loop import OPTIMIZERS
+    from python_task.training.config import OPTIMIZERS
 
     assert swept_values("optimizer") <= set(OPTIMIZERS)
 
@@ -542,8 +542,8 @@ def test_parsed_metrics_are_the_contract_metrics():
 
 
 def test_contract_metrics_match_the_package():
-    sweep = pytest.importorskip("python_task.experiments.sweep")
-    assert tuple(sweep.METRICS) == CONTRACT_METRICS
+    metrics = pytest.importorskip("python_task.training.metrics")
+    assert tuple(metrics.CONTRACT_METRICS) == CONTRACT_METRICS
 
 
 def test_the_parse_regex_reads_a_flat_json_with_nan():

@@ -9,21 +9,21 @@ Only a small index (shard, tile, label, slide, patient per tile) is held in memo
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import imagecodecs
 import keras
 import numpy as np
 
-from python_task.errors import TaskError
+from python_task.data.sampling import epoch_order
+from python_task.errors import ConfigError, ShardError
 from python_task.shards.format import ShardInfo, ShardReader, list_shards, read_encoded_rows
 
-BALANCE_MODES = ("none", "oversample", "undersample")
 BatchTransform = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
 
@@ -54,6 +54,19 @@ class TileIndex:
         counts = np.bincount(self.labels, minlength=len(self.label_names))
         return {name: int(n) for name, n in zip(self.label_names, counts)}
 
+    def take(self, positions: np.ndarray) -> TileIndex:
+        """The tiles at ``positions``, in that order (same shards)."""
+        return dataclasses.replace(self, shard=self.shard[positions], tile=self.tile[positions],
+                                   labels=self.labels[positions], slide_ids=self.slide_ids[positions],
+                                   patient_ids=self.patient_ids[positions], coords=self.coords[positions])
+
+    def sample(self, limit: int, seed: int) -> TileIndex:
+        """A seeded random subset of ``limit`` tiles in index order (all of them when ``limit`` is 0 or not
+        smaller than the index)."""
+        if not limit or len(self) <= limit:
+            return self
+        return self.take(np.sort(np.random.default_rng(seed).choice(len(self), limit, replace=False)))
+
 
 def build_index(shards_dir: str | os.PathLike[str], slide_ids: Sequence[str] | None = None) -> TileIndex:
     """Index the tiles of the shards in ``shards_dir`` (only those of ``slide_ids`` when given)."""
@@ -62,10 +75,10 @@ def build_index(shards_dir: str | os.PathLike[str], slide_ids: Sequence[str] | N
     if slide_ids is not None:
         missing = sorted(set(slide_ids) - set(by_id))
         if missing:
-            raise TaskError(shards_dir, f"no shard for slide(s) {', '.join(missing)}")
+            raise ShardError(shards_dir, f"no shard for slide(s) {', '.join(missing)}")
         paths = [by_id[s] for s in sorted(set(slide_ids))]
     if not paths:
-        raise TaskError(shards_dir, "no shard (*.h5) found")
+        raise ShardError(shards_dir, "no shard (*.h5) found")
     infos, parts = [], []
     for k, path in enumerate(paths):
         with ShardReader(path) as r:
@@ -73,7 +86,7 @@ def build_index(shards_dir: str | os.PathLike[str], slide_ids: Sequence[str] | N
             labels = r.field("labels").astype(np.int64)
             coords = r.field("coords").astype(np.int64)
         if infos and (info.label_names != infos[0].label_names or info.tile_size != infos[0].tile_size):
-            raise TaskError(path, f"label names {list(info.label_names)} / tile size {info.tile_size} differ from "
+            raise ShardError(path, f"label names {list(info.label_names)} / tile size {info.tile_size} differ from "
                             f"{infos[0].path.name} ({list(infos[0].label_names)} / {infos[0].tile_size})")
         infos.append(info)
         n = len(labels)
@@ -82,23 +95,6 @@ def build_index(shards_dir: str | os.PathLike[str], slide_ids: Sequence[str] | N
     cols = [np.concatenate([p[i] for p in parts]) for i in range(5)]
     coords = np.concatenate([p[5] for p in parts]).reshape(-1, 2)
     return TileIndex(infos, cols[0], cols[1], cols[2], cols[3].astype(str), cols[4].astype(str), coords)
-
-
-def epoch_order(labels: np.ndarray, *, shuffle: bool, balance: str, rng: np.random.Generator) -> np.ndarray:
-    """Positions into the index for one epoch: shuffled across all shards, class-balanced if asked."""
-    if balance not in BALANCE_MODES:
-        raise TaskError("--balance", f"unknown mode {balance!r}; choose from {', '.join(BALANCE_MODES)}")
-    n = len(labels)
-    if balance == "none" or n == 0:
-        order = np.arange(n)
-    else:
-        groups = [np.flatnonzero(labels == c) for c in np.unique(labels)]
-        target = max(map(len, groups)) if balance == "oversample" else min(map(len, groups))
-        order = np.concatenate([g if len(g) == target else rng.choice(g, target, replace=len(g) < target)
-                                for g in groups])
-    if shuffle:
-        order = rng.permutation(order)
-    return order
 
 
 class TileFetcher:
@@ -154,7 +150,7 @@ class ShardBatches(keras.utils.PyDataset):
                  drop_remainder: bool = False, epoch: int = 0, dtype: str | None = "float32", **kwargs) -> None:
         super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=max(4, 2 * workers), **kwargs)
         if batch_size < 1:
-            raise TaskError("--batch-size", f"must be at least 1, got {batch_size}")
+            raise ConfigError("batch_size", f"must be at least 1, got {batch_size}")
         self.index = index
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -228,6 +224,3 @@ def iterate_batches(batches: ShardBatches, threads: int = 2):
                 nxt += 1
             yield fut.result()
 
-
-def shard_paths(shards_dir: str | os.PathLike[str]) -> list[Path]:
-    return list_shards(shards_dir)

@@ -35,112 +35,24 @@ slide on both sides of the fold, every slide on its patient's side, the slide ->
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import json
 import logging
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from python_task import DEFAULT_CLASSES
-from python_task.errors import TaskError
+from python_task.errors import ConfigError, ShardError
 from python_task.fileio import write_json_atomic
+from python_task.shards.manifest import MANIFEST_NAME, digest_rows, manifest_label_names, read_manifest
 
 log = logging.getLogger(__name__)
 
 SPLITS_FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.csv"
-REQUIRED_COLUMNS = ("slide_id", "patient_id", "shard", "n_tiles")
 FOLD_LIST_KEYS = ("val_patients", "val_slides", "train_patients", "train_slides")
 _MAX_LISTED = 10  # ids named in one error message before "and N more"
-
-
-# --------------------------------------------------------------------------------------------------- manifest
-
-def read_manifest(shards_dir: str | Path) -> list[dict]:
-    """Rows of ``shards_dir/manifest.csv`` in file order.
-
-    Text columns are stripped strings (``diagnosis`` is ``""`` when absent); ``n_tiles`` and every ``n_<class>``
-    column are ints. Raises :class:`TaskError` naming the manifest when it is missing, unparsable (ragged rows,
-    missing columns, non-integer counts, empty or duplicate ids) or lists no slide.
-    """
-    path = Path(shards_dir) / MANIFEST_NAME
-    if not path.is_file():
-        where = "the shards folder does not exist" if not Path(shards_dir).is_dir() else "no manifest in the folder"
-        raise TaskError(path, f"not found ({where}): run extract first")
-    try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            fields = [f.strip() for f in (reader.fieldnames or [])]
-            missing = [c for c in REQUIRED_COLUMNS if c not in fields]
-            if missing:
-                raise TaskError(path, f"not a shards manifest: missing column(s) {', '.join(missing)} "
-                                f"(columns found: {', '.join(fields) or 'none'})")
-            if len(set(fields)) != len(fields):
-                raise TaskError(path, "not a shards manifest: duplicate column names")
-            reader.fieldnames = fields
-            count_cols = [f for f in fields if f.startswith("n_")]
-            rows: list[dict] = []
-            seen: set[str] = set()
-            for raw in reader:
-                line = reader.line_num
-                if None in raw or any(v is None for v in raw.values()):
-                    raise TaskError(path, f"line {line}: {_n_fields(raw)} fields where the header has "
-                                    f"{len(fields)}")
-                row: dict[str, Any] = {k: v.strip() for k, v in raw.items()}
-                row.setdefault("diagnosis", "")
-                for col in count_cols:
-                    row[col] = _count(row[col], col, line, path)
-                for col in ("slide_id", "patient_id", "shard"):
-                    if not row[col]:
-                        raise TaskError(path, f"line {line}: empty {col}")
-                if row["slide_id"] in seen:
-                    raise TaskError(path, f"line {line}: slide {row['slide_id']} is listed twice")
-                seen.add(row["slide_id"])
-                rows.append(row)
-    except TaskError:
-        raise
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise TaskError(path, f"cannot be read as CSV: {exc}") from exc
-    if not rows:
-        raise TaskError(path, "lists no slide (did extract find any tile?): nothing to split")
-    return rows
-
-
-def _n_fields(raw: Mapping) -> int:
-    extra = raw.get(None) or []
-    return sum(v is not None for k, v in raw.items() if k is not None) + len(extra)
-
-
-def _count(text: str, col: str, line: int, path: Path) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise TaskError(path, f"line {line}: {col} is {text!r}, not a whole number") from None
-    if value < 0:
-        raise TaskError(path, f"line {line}: {col} is negative ({value})")
-    return value
-
-
-def manifest_label_names(rows: Sequence[Mapping]) -> tuple[str, ...]:
-    """Class names from the ``n_<class>`` columns (except ``n_tiles``), in order; the defaults when there are none."""
-    names = tuple(k[2:] for k in rows[0] if k.startswith("n_") and k != "n_tiles") if rows else ()
-    return names or DEFAULT_CLASSES
-
-
-def _digest_rows(rows: Iterable[Mapping]) -> str:
-    key = sorted((str(r["slide_id"]), str(r["shard"]), int(r["n_tiles"])) for r in rows)
-    return hashlib.sha256(json.dumps(key, separators=(",", ":")).encode("utf-8")).hexdigest()
-
-
-def manifest_digest(shards_dir: str | Path) -> str:
-    """SHA-256 (hex) of the sorted ``(slide_id, shard, n_tiles)`` rows of the manifest: identifies the shard set."""
-    return _digest_rows(read_manifest(shards_dir))
 
 
 # --------------------------------------------------------------------------------------------------- diagnosis
@@ -173,13 +85,13 @@ def slide_diagnoses(rows: Sequence[Mapping], label_names: Sequence[str], manifes
         given = str(row.get("diagnosis") or "").strip()
         if given:
             if given.lower() not in by_lower:
-                raise TaskError(manifest, f"slide {row['slide_id']}: diagnosis {given!r} is not one of the classes "
+                raise ShardError(manifest, f"slide {row['slide_id']}: diagnosis {given!r} is not one of the classes "
                                 f"{', '.join(label_names)} (leave it empty to derive it from the tiles)")
             out[row["slide_id"]] = by_lower[given.lower()]
         elif has_counts:
             out[row["slide_id"]] = pos if int(row[f"n_{pos}"]) > 0 else neg
         else:
-            raise TaskError(manifest, f"slide {row['slide_id']} has no diagnosis and there is no n_{pos} column "
+            raise ShardError(manifest, f"slide {row['slide_id']} has no diagnosis and there is no n_{pos} column "
                             "to derive it from the tiles")
     return out
 
@@ -204,15 +116,15 @@ def make_splits(shards_dir: str | Path, folds: int, seed: int = 0) -> dict:
     shards_dir = Path(shards_dir)
     manifest = shards_dir / MANIFEST_NAME
     if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
-        raise TaskError("--folds", f"must be a whole number of at least 2 (got {folds!r})")
+        raise ConfigError("folds", f"must be a whole number of at least 2 (got {folds!r})")
     folds = int(folds)
     rows = read_manifest(shards_dir)
     label_names = manifest_label_names(rows)
     patients = patient_diagnoses(rows, label_names, manifest)
     slides = {r["slide_id"]: r["patient_id"] for r in sorted(rows, key=lambda r: r["slide_id"])}
     if folds > len(patients):
-        raise TaskError(manifest, f"only {len(patients)} patient{'s' * (len(patients) != 1)}: cannot make {folds} "
-                        "patient-level folds (each validation set needs at least one patient); use --folds "
+        raise ShardError(manifest, f"only {len(patients)} patient{'s' * (len(patients) != 1)}: cannot make {folds} "
+                        "patient-level folds (each validation set needs at least one patient); use `folds` "
                         f"{len(patients)} or fewer")
 
     fold_of, method = _assign_folds(patients, folds, seed)
@@ -234,7 +146,7 @@ def make_splits(shards_dir: str | Path, folds: int, seed: int = 0) -> dict:
         log.warning("split: %s", note)
     return {
         "format_version": SPLITS_FORMAT_VERSION, "seed": int(seed), "n_folds": folds,
-        "manifest_digest": _digest_rows(rows), "label_names": list(label_names),
+        "manifest_digest": digest_rows(rows), "label_names": list(label_names),
         "patients": patients, "slides": slides,
         "shards": {s: {"shard": by_slide[s]["shard"], "n_tiles": int(by_slide[s]["n_tiles"])} for s in slides},
         "method": method, "warnings": notes, "folds": out_folds}
@@ -320,28 +232,28 @@ def _plural(word: str, n: int) -> str:
 
 
 def read_splits(splits_path: str | Path) -> dict:
-    """The JSON of a splits file, with its structure checked; :class:`TaskError` naming the file otherwise."""
+    """The JSON of a splits file, with its structure checked; :class:`ShardError` naming the file otherwise."""
     path = Path(splits_path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise TaskError(path, "not found: make it with `python -m python_task split`") from None
+        raise ShardError(path, "not found: make it with `python -m python_task split`") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise TaskError(path, f"cannot be read: {exc}") from exc
+        raise ShardError(path, f"cannot be read: {exc}") from exc
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise TaskError(path, f"not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}): "
+        raise ShardError(path, f"not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}): "
                         "make it again with `split`") from None
 
-    def bad(what: str) -> TaskError:
-        return TaskError(path, f"not a splits file: {what}")
+    def bad(what: str) -> ShardError:
+        return ShardError(path, f"not a splits file: {what}")
 
     if not isinstance(data, dict):
         raise bad("the top level is not a JSON object")
     version = data.get("format_version", SPLITS_FORMAT_VERSION)
     if not isinstance(version, int) or version > SPLITS_FORMAT_VERSION:
-        raise TaskError(path, f"format_version {version!r} is newer than this program reads "
+        raise ShardError(path, f"format_version {version!r} is newer than this program reads "
                         f"({SPLITS_FORMAT_VERSION}): update python_task or run split again")
     slides = data.get("slides")
     if not isinstance(slides, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in slides.items()):
@@ -368,28 +280,28 @@ def check_fold_leaks(data: Mapping, fold: int, path: str | Path) -> None:
     train_s, val_s = set(f["train_slides"]), set(f["val_slides"])
     both = train_p & val_p
     if both:
-        raise TaskError(path, f"{_plural('patient', len(both))} {_ids(both)} {'is' if len(both) == 1 else 'are'} in "
+        raise ShardError(path, f"{_plural('patient', len(both))} {_ids(both)} {'is' if len(both) == 1 else 'are'} in "
                         f"both training and validation of fold {fold}: the split leaks")
     both = train_s & val_s
     if both:
-        raise TaskError(path, f"{_plural('slide', len(both))} {_ids(both)} {'is' if len(both) == 1 else 'are'} in "
+        raise ShardError(path, f"{_plural('slide', len(both))} {_ids(both)} {'is' if len(both) == 1 else 'are'} in "
                         f"both training and validation of fold {fold}: the split leaks")
     unknown = (train_s | val_s) - set(slides)
     if unknown:
-        raise TaskError(path, f"fold {fold} lists {_plural('slide', len(unknown))} {_ids(unknown)} missing from "
+        raise ShardError(path, f"fold {fold} lists {_plural('slide', len(unknown))} {_ids(unknown)} missing from "
                         "'slides' (slide -> patient): run split again")
     for side, own, other, mine in (("training", train_s, val_p, train_p), ("validation", val_s, train_p, val_p)):
         for s in sorted(own):
             p = slides[s]
             if p in other:
-                raise TaskError(path, f"slide {s} is in {side} of fold {fold} but its patient {p} is on the other "
+                raise ShardError(path, f"slide {s} is in {side} of fold {fold} but its patient {p} is on the other "
                                 "side: the split leaks")
             if p not in mine:
-                raise TaskError(path, f"slide {s} is in {side} of fold {fold} but its patient {p} is not: "
+                raise ShardError(path, f"slide {s} is in {side} of fold {fold} but its patient {p} is not: "
                                 "run split again")
     unplaced = set(slides) - train_s - val_s
     if unplaced:
-        raise TaskError(path, f"fold {fold} places {_plural('slide', len(unplaced))} {_ids(unplaced)} in neither "
+        raise ShardError(path, f"fold {fold} places {_plural('slide', len(unplaced))} {_ids(unplaced)} in neither "
                         "training nor validation: run split again")
 
 
@@ -399,14 +311,14 @@ def check_shard_set(data: Mapping, rows: Sequence[Mapping], path: str | Path, sh
     added, missing = set(now) - set(split_slides), set(split_slides) - set(now)
     if added or missing:
         parts = ([f"added {_ids(added)}"] if added else []) + ([f"missing {_ids(missing)}"] if missing else [])
-        raise TaskError(path, f"shards in {shards_dir} changed since the split was made: {'; '.join(parts)} — "
+        raise ShardError(path, f"shards in {shards_dir} changed since the split was made: {'; '.join(parts)} — "
                         "run split again")
     for s in sorted(now):
         if now[s]["patient_id"] != split_slides[s]:
-            raise TaskError(path, f"slide {s} belongs to patient {now[s]['patient_id']} in "
+            raise ShardError(path, f"slide {s} belongs to patient {now[s]['patient_id']} in "
                             f"{shards_dir / MANIFEST_NAME} but to {split_slides[s]} in the split — run split again")
     digest = data.get("manifest_digest")
-    if digest is not None and digest != _digest_rows(rows):
+    if digest is not None and digest != digest_rows(rows):
         recorded = data.get("shards") if isinstance(data.get("shards"), dict) else {}
         changed = []
         for s in sorted(now):
@@ -415,7 +327,7 @@ def check_shard_set(data: Mapping, rows: Sequence[Mapping], path: str | Path, sh
                 changed.append(f"{s} ({old.get('shard')}, {old.get('n_tiles')} tiles -> {now[s]['shard']}, "
                                f"{now[s]['n_tiles']} tiles)")
         detail = f": {', '.join(changed[:_MAX_LISTED])}" if changed else " (tile counts or shard files differ)"
-        raise TaskError(path, f"shards in {shards_dir} changed since the split was made{detail} — run split again")
+        raise ShardError(path, f"shards in {shards_dir} changed since the split was made{detail} — run split again")
 
 
 def load_fold(splits_path: str | Path, shards_dir: str | Path, fold: int) -> FoldAssignment:
@@ -424,7 +336,7 @@ def load_fold(splits_path: str | Path, shards_dir: str | Path, fold: int) -> Fol
     data = read_splits(path)
     n = len(data["folds"])
     if isinstance(fold, bool) or not isinstance(fold, (int, np.integer)) or not 0 <= fold < n:
-        raise TaskError(path, f"fold {fold} is out of range: this split has {n} {_plural('fold', n)} "
+        raise ShardError(path, f"fold {fold} is out of range: this split has {n} {_plural('fold', n)} "
                         f"(0 to {n - 1})")
     fold = int(fold)
     check_fold_leaks(data, fold, path)
@@ -434,12 +346,12 @@ def load_fold(splits_path: str | Path, shards_dir: str | Path, fold: int) -> Fol
     shard_of = {r["slide_id"]: r["shard"] for r in rows}
     for s in sorted(set(f["train_slides"]) | set(f["val_slides"])):
         if not (shards_dir / shard_of[s]).is_file():
-            raise TaskError(shards_dir / shard_of[s], f"shard of slide {s} is listed in {MANIFEST_NAME} but missing: "
+            raise ShardError(shards_dir / shard_of[s], f"shard of slide {s} is listed in {MANIFEST_NAME} but missing: "
                             "run extract again, then split")
     return FoldAssignment(fold=fold, train_slides=tuple(sorted(f["train_slides"])),
                           val_slides=tuple(sorted(f["val_slides"])), train_patients=tuple(sorted(f["train_patients"])),
                           val_patients=tuple(sorted(f["val_patients"])))
 
 
-__all__ = ["FoldAssignment", "load_fold", "make_splits", "manifest_digest", "read_manifest", "write_splits",
-           "read_splits", "manifest_label_names", "patient_diagnoses", "positive_class"]
+__all__ = ["FoldAssignment", "load_fold", "make_splits", "write_splits", "read_splits", "patient_diagnoses",
+           "positive_class"]

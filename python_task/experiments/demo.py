@@ -8,17 +8,28 @@ interruption continues where it stopped.
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from python_task.data.splits import make_splits, write_splits
 from python_task.errors import TaskError
+from python_task.experiments.report import make_report
+from python_task.experiments.sweep import run_sweep
 from python_task.fileio import write_text_atomic
+from python_task.inference.predict import predict_slide
+from python_task.shards.extract import extract_cohort
+from python_task.shards.params import ExtractParams
+from python_task.synth.cohort import generate_cohort
+from python_task.synth.config import SynthConfig
+from python_task.wsi.cohort import SlideJob, read_cohort
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,17 +55,13 @@ def demo_plan(cfg: DemoConfig) -> dict:
 
 
 def _stage(name: str) -> float:
-    print(f"\n== {name}", file=sys.stderr, flush=True)
+    log.info("\n== %s", name)
     return time.perf_counter()
 
 
-def run_demo(out_dir: str | os.PathLike[str], cfg: DemoConfig = DemoConfig()) -> dict[str, Path]:
-    from python_task.shards.extract import ExtractParams, extract_cohort, read_cohort
-    from python_task.experiments.report import make_report
-    from python_task.data.splits import make_splits, write_splits
-    from python_task.experiments.sweep import run_sweep
-    from python_task.synth.render import SynthConfig, generate_cohort
-
+def run_demo(out_dir: str | os.PathLike[str], cfg: DemoConfig | None = None) -> dict[str, Path]:
+    """Run (or resume) the whole chain under ``out_dir``; returns where each output is, by name."""
+    cfg = cfg or DemoConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
@@ -92,8 +99,6 @@ def run_demo(out_dir: str | os.PathLike[str], cfg: DemoConfig = DemoConfig()) ->
     _stage("predict: heat-maps with the best configuration's model")
     best = best_point(sweep.results_csv)
     if best is not None:
-        from python_task.inference.predict import predict_slide
-
         for job in pick_slides(cohort_csv):
             target = out / "heatmaps" / job.slide_id
             if not (target / "slide.json").exists():
@@ -101,9 +106,7 @@ def run_demo(out_dir: str | os.PathLike[str], cfg: DemoConfig = DemoConfig()) ->
                               annotations=job.annotation_path, progress=False)
             outputs[f"heatmap {job.slide_id} ({job.diagnosis})"] = target / "heatmap.png"
 
-    print(f"\ndemo finished in {time.perf_counter() - t_all:.0f} s. Outputs:", file=sys.stderr)
-    for name, path in outputs.items():
-        print(f"  {name:<32} {path}")
+    log.info("\ndemo finished in %.0f s. Outputs:", time.perf_counter() - t_all)
     return outputs
 
 
@@ -122,10 +125,8 @@ def best_point(results_csv: Path) -> dict | None:
     return max(rows, key=key) if rows else None
 
 
-def pick_slides(cohort_csv: Path):
+def pick_slides(cohort_csv: Path) -> list[SlideJob]:
     """One slide of each diagnosis."""
-    from python_task.shards.extract import read_cohort
-
     picked = {}
     for job in read_cohort(cohort_csv):
         picked.setdefault(job.diagnosis, job)

@@ -41,12 +41,10 @@ from typing import Any
 
 import numpy as np
 
-from python_task.errors import TaskError
+from python_task.errors import ConfigError, TaskError
 from python_task.fileio import atomic_path, write_csv_atomic, write_text_atomic
+from python_task.training.metrics import CONTRACT_METRICS, aggregate
 
-CONTRACT_METRICS = ("val_auc", "val_accuracy", "val_balanced_accuracy", "val_sensitivity", "val_specificity",
-                    "val_f1", "val_loss", "val_slide_auc", "val_patient_auc", "threshold", "train_seconds",
-                    "epochs_run", "n_train_tiles", "n_val_tiles", "n_params")
 FACTOR_EXCLUDE = {"fold", "seed"}
 BOOKKEEPING = {"status", "error", "out_dir", "outdir", "exitcode", "returnvalue", "point_id", "pointid", "stdout",
                "stderr"}  # compared in lower case
@@ -269,7 +267,7 @@ def _analyse(rows: Sequence[Mapping[str, Any]], metric: str) -> Analysis:
     metric_cols = [m for m in CONTRACT_METRICS if m in columns]
     metric_cols += [c for c in columns if column_kind(c) == "metric" and c not in metric_cols]
     if metric not in metric_cols:
-        raise TaskError("--metric", f"{metric!r} is not a metric column of the results table (available: "
+        raise ConfigError("metric", f"{metric!r} is not a metric column of the results table (available: "
                                     f"{', '.join(metric_cols) or 'none'})")
     factors = [c for c in columns if column_kind(c) == "factor"]
     config_factors = [f for f in factors if f not in FACTOR_EXCLUDE]
@@ -531,21 +529,8 @@ def read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray, list[str] | No
     return np.asarray(labels) > 0, np.asarray(probs, dtype=float), patients if has_patients else None
 
 
-def _patient_level(labels: np.ndarray, probs: np.ndarray, patients: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    ids = sorted(set(patients))
-    index = {pid: i for i, pid in enumerate(ids)}
-    idx = np.array([index[p] for p in patients])
-    total = np.bincount(idx, weights=probs, minlength=len(ids))
-    count = np.bincount(idx, minlength=len(ids))
-    label = np.zeros(len(ids), dtype=bool)
-    np.logical_or.at(label, idx, labels)
-    return label, total / count
-
-
 def plot_roc(an: Analysis, config: tuple[Any, ...], base: Path, path: Path) -> tuple[Path | None, list[str]]:
     """ROC curves (tile and patient level, one curve per fold) of one configuration; notes on what is missing."""
-    from sklearn.metrics import roc_auc_score, roc_curve
-
     notes: list[str] = []
     curves = []  # (label, tile (fpr, tpr, auc) or None, patient (...) or None)
     pts = [p for p in an.groups.get(config, []) if not p.failed]
@@ -566,19 +551,14 @@ def plot_roc(an: Analysis, config: tuple[Any, ...], base: Path, path: Path) -> t
             notes.append(f"{name}: cannot read {folder / 'predictions.csv'}: {exc}")
             continue
 
-        def curve(y: np.ndarray, s: np.ndarray, level: str):
-            if y.size == 0 or y.all() or not y.any():
-                notes.append(f"{name}: {level}-level ROC undefined (one class only)")
-                return None
-            fpr, tpr, _ = roc_curve(y, s)
-            return fpr, tpr, float(roc_auc_score(y, s))
-
-        tile = curve(labels, probs, "tile")
+        tile = _roc(labels, probs, f"{name}: tile", notes)
         patient = None
         if patients is None:
             notes.append(f"{name}: predictions.csv has no patient_id; no patient-level curve")
         else:
-            patient = curve(*_patient_level(labels, probs, patients), "patient")
+            # a patient's score is the mean probability of its tiles, its label the highest label of its tiles
+            _, scores, patient_labels = aggregate(probs, labels, patients, "mean")
+            patient = _roc(patient_labels > 0, scores, f"{name}: patient", notes)
         if tile or patient:
             curves.append((name, tile, patient))
     if not curves:
@@ -600,6 +580,17 @@ def plot_roc(an: Analysis, config: tuple[Any, ...], base: Path, path: Path) -> t
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="lower right", fontsize=7)
     return _save(fig, path), notes
+
+
+def _roc(y: np.ndarray, scores: np.ndarray, what: str, notes: list[str]):
+    """``(fpr, tpr, auc)`` of one ROC curve, or None (and a note) when only one class is present."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    if y.size == 0 or y.all() or not y.any():
+        notes.append(f"{what}-level ROC undefined (one class only)")
+        return None
+    fpr, tpr, _ = roc_curve(y, scores)
+    return fpr, tpr, float(roc_auc_score(y, scores))
 
 
 # --------------------------------------------------------------------------------------------- HTML

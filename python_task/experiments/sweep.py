@@ -30,6 +30,7 @@ import csv
 import hashlib
 import itertools
 import json
+import logging
 import math
 import os
 import subprocess
@@ -43,14 +44,15 @@ from typing import Any
 import numpy as np
 import yaml
 
-from python_task.errors import TaskError
+from python_task.errors import ConfigError
 from python_task.fileio import write_csv_atomic, write_json_atomic
+from python_task.training.config import train_options
+from python_task.training.metrics import CONTRACT_METRICS
 
-METRICS = ("val_auc", "val_accuracy", "val_balanced_accuracy", "val_sensitivity", "val_specificity", "val_f1",
-           "val_loss", "val_slide_auc", "val_patient_auc", "threshold", "train_seconds", "epochs_run",
-           "n_train_tiles", "n_val_tiles", "n_params")
+log = logging.getLogger(__name__)
+
 BOOKKEEPING = ("status", "error", "point_id", "out_dir", "wall_seconds", "overhead_seconds")
-RESERVED = {"shards", "splits", "out"}
+RESERVED = {"shards", "splits", "out"}  # given by the plan's paths and the runner, never by a factor
 DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform")
 
 
@@ -74,26 +76,26 @@ def load_plan(path: str | os.PathLike[str]) -> Plan:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise TaskError(path, "plan not found") from None
+        raise ConfigError(None, "plan not found", path=path) from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise TaskError(path, f"not a readable YAML plan ({' '.join(str(exc).split())})") from None
+        raise ConfigError(None, f"not a readable YAML plan ({' '.join(str(exc).split())})", path=path) from None
     if not isinstance(data, dict):
-        raise TaskError(path, "a plan is a YAML mapping with shards, splits, factors and fixed")
+        raise ConfigError(None, "a plan is a YAML mapping with shards, splits, factors and fixed", path=path)
     for key in ("shards", "splits"):
         if not isinstance(data.get(key), str):
-            raise TaskError(path, f"missing '{key}: PATH'")
+            raise ConfigError(None, f"missing '{key}: PATH'", path=path)
     unknown_top = set(data) - {"shards", "splits", "factors", "fixed", "random", "name", "description"}
     if unknown_top:
-        raise TaskError(path, f"unknown key(s) {', '.join(sorted(unknown_top))}")
+        raise ConfigError(None, f"unknown key(s) {', '.join(sorted(unknown_top))}", path=path)
     factors = data.get("factors") or {}
     fixed = data.get("fixed") or {}
     random = data.get("random") or {}
     if not isinstance(factors, dict) or not isinstance(fixed, dict) or not isinstance(random, dict):
-        raise TaskError(path, "factors, fixed and random must be mappings")
+        raise ConfigError(None, "factors, fixed and random must be mappings", path=path)
     factors = {k: v if isinstance(v, list) else [v] for k, v in factors.items()}
     for key, levels in factors.items():
         if not levels:
-            raise TaskError(path, f"factor '{key}' has no level")
+            raise ConfigError(None, f"factor '{key}' has no level", path=path)
     plan = Plan(path=path, shards=path.parent / data["shards"], splits=path.parent / data["splits"],
                 factors=factors, fixed=fixed, random=random)
     _check_keys(plan)
@@ -101,39 +103,27 @@ def load_plan(path: str | os.PathLike[str]) -> Plan:
 
 
 def _check_keys(plan: Plan) -> None:
-    options = train_options()
+    options = train_options()  # generated from TrainConfig: a new train setting is a plan key at once
     names = plan.factor_names()
     unknown = [k for k in names if k not in options or k in RESERVED]
     if unknown:
-        raise TaskError(plan.path, f"not train options: {', '.join(unknown)} (keys are train options without "
-                        "dashes, e.g. batch_size for --batch-size)")
+        raise ConfigError(None, f"not train options: {', '.join(unknown)} (keys are train options without "
+                          "dashes, e.g. batch_size for --batch-size)", path=plan.path)
     dupes = set(plan.factors) & set(plan.fixed)
     if dupes:
-        raise TaskError(plan.path, f"{', '.join(sorted(dupes))} both a factor and fixed")
+        raise ConfigError(None, f"{', '.join(sorted(dupes))} both a factor and fixed", path=plan.path)
     for required in ("arch", "fold"):
         if required not in names:
-            raise TaskError(plan.path, f"'{required}' must be a factor or fixed")
+            raise ConfigError(None, f"'{required}' must be a factor or fixed", path=plan.path)
     rnd = plan.random
     if rnd:
         if not isinstance(rnd.get("n"), int) or rnd["n"] < 1:
-            raise TaskError(plan.path, "random.n must be a positive integer")
+            raise ConfigError(None, "random.n must be a positive integer", path=plan.path)
         for key, dist in (rnd.get("factors") or {}).items():
             if not (isinstance(dist, dict) and len(dist) == 1 and next(iter(dist)) in DISTRIBUTIONS
                     and len(next(iter(dist.values()))) == 2):
-                raise TaskError(plan.path, f"random factor '{key}': write {{uniform|log_uniform|int_uniform: "
-                                "[low, high]}}")
-
-
-def train_options() -> dict[str, str]:
-    """``{dest: option string}`` of every ``train`` option (from the real parser, so they cannot drift)."""
-    import argparse
-
-    from python_task.cli import build_parser
-
-    parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    train = sub.choices["train"]
-    return {a.dest: a.option_strings[-1] for a in train._actions if a.option_strings and a.dest != "help"}
+                raise ConfigError(None, f"random factor '{key}': write {{uniform|log_uniform|int_uniform: "
+                                  "[low, high]}}", path=plan.path)
 
 
 def expand_points(plan: Plan) -> list[dict[str, Any]]:
@@ -175,7 +165,7 @@ def train_command(plan: Plan, point: dict[str, Any], out: Path) -> list[str]:
     cmd = [sys.executable, "-m", "python_task", "train", "--shards", str(plan.shards), "--splits", str(plan.splits),
            "--out", str(out), "--quiet"]
     for key, value in point.items():
-        flag = options[key]
+        flag = options[key].flag
         if isinstance(value, bool):
             if value:
                 cmd.append(flag)
@@ -199,7 +189,7 @@ class PointResult:
     def row(self) -> dict[str, Any]:
         train_s = self.metrics.get("train_seconds", float("nan"))
         row: dict[str, Any] = {k: _csv_value(v) for k, v in self.point.items()}
-        row.update({m: self.metrics.get(m, float("nan")) for m in METRICS})
+        row.update({m: self.metrics.get(m, float("nan")) for m in CONTRACT_METRICS})
         row.update(status=self.status, error=self.error, point_id=self.point_id, out_dir=self.out_dir,
                    wall_seconds=round(self.wall_seconds, 3),
                    overhead_seconds=round(self.wall_seconds - train_s, 3) if self.status == "ok" else float("nan"))
@@ -260,9 +250,9 @@ def run_sweep(plan_path: str | os.PathLike[str], out_dir: str | os.PathLike[str]
     plan = load_plan(plan_path)
     for path, what in ((plan.shards, "shards folder"), (plan.splits, "splits file")):
         if not path.exists():
-            raise TaskError(plan.path, f"{what} {path} not found")
+            raise ConfigError(None, f"{what} {path} not found", path=plan.path)
     if jobs < 1:
-        raise TaskError("--jobs", f"must be at least 1, got {jobs}")
+        raise ConfigError("jobs", f"must be at least 1, got {jobs}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     points = expand_points(plan)
@@ -271,12 +261,12 @@ def run_sweep(plan_path: str | os.PathLike[str], out_dir: str | os.PathLike[str]
             and (out / r["out_dir"] / "metrics.json").exists()}
     rows: dict[str, dict[str, Any]] = {pid: row for pid, row in done.items()}
     todo = [p for p in points if point_id(p) not in done]
-    columns = plan.factor_names() + list(METRICS) + list(BOOKKEEPING)
+    columns = plan.factor_names() + list(CONTRACT_METRICS) + list(BOOKKEEPING)
     lock = threading.Lock()
     threads = max(1, (os.cpu_count() or 1) // jobs)
     if progress:
-        print(f"sweep {plan.path.name}: {len(points)} points, {len(done)} already done, {len(todo)} to run, "
-              f"{jobs} at a time", file=sys.stderr)
+        log.info("sweep %s: %d points, %d already done, %d to run, %d at a time", plan.path.name, len(points),
+                 len(done), len(todo), jobs)
 
     def record(result: PointResult) -> None:
         with lock:
@@ -288,8 +278,8 @@ def run_sweep(plan_path: str | os.PathLike[str], out_dir: str | os.PathLike[str]
                 summary = (f"val_auc {result.metrics.get('val_auc', float('nan')):.3f}, patient AUC "
                            f"{result.metrics.get('val_patient_auc', float('nan')):.3f}"
                            if result.status == "ok" else result.error)
-                print(f"[{n}/{len(points)}] {result.point_id}: {result.status}, {summary} "
-                      f"({result.wall_seconds:.1f} s)", file=sys.stderr, flush=True)
+                log.info("[%d/%d] %s: %s, %s (%.1f s)", n, len(points), result.point_id, result.status, summary,
+                         result.wall_seconds)
 
     if jobs == 1:
         for p in todo:
@@ -305,6 +295,6 @@ def run_sweep(plan_path: str | os.PathLike[str], out_dir: str | os.PathLike[str]
     report = SweepReport(results_csv, [rows[point_id(p)] for p in points if point_id(p) in rows], len(todo),
                          len(done))
     if progress:
-        print(f"{len(report.rows) - len(report.failed)} of {len(points)} points ok, {len(report.failed)} failed; "
-              f"results: {results_csv}", file=sys.stderr)
+        log.info("%d of %d points ok, %d failed; results: %s", len(report.rows) - len(report.failed), len(points),
+                 len(report.failed), results_csv)
     return report

@@ -27,13 +27,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import shapely
 from tqdm import tqdm
 
-from python_task.errors import TaskError
+from python_task.errors import ConfigError, SlideError, TaskError
 from python_task.fileio import atomic_path, write_json_atomic, write_text_atomic
+from python_task.shards.params import ExtractParams
+from python_task.training.checkpoints import load_model
+from python_task.training.metrics import top_fraction_mean
+from python_task.training.scoring import predict_padded
+from python_task.transforms.stain import normalizer_from_dict
+from python_task.wsi.annotations import Region, place_regions, read_annotations
+from python_task.wsi.labels import DEFAULT_CLASSES
+from python_task.wsi.slides import Slide, TileReader, open_slide, thumbnail
+from python_task.wsi.tiling import GridPlan, plan_grid
 
 PROBABILITY_KEY = "malignant_probability"
+TILING = ExtractParams()  # tissue and coverage thresholds, grid and reader default to extract's
+DEFAULT_THRESHOLD = 0.5  # for a model whose run recorded no usable threshold
 
 
 @dataclass(frozen=True)
@@ -51,11 +61,6 @@ class ModelBundle:
 
 def load_bundle(model_path: str | os.PathLike[str]) -> ModelBundle:
     """``model.keras`` and its ``config.json`` (and ``stain.json`` when training normalised stains)."""
-    import keras
-
-    import python_task.transforms.augment_layers  # noqa: F401 - register the custom layers
-    import python_task.training.models  # noqa: F401
-
     path = Path(model_path)
     if path.is_dir():
         path = path / "model.keras"
@@ -73,15 +78,13 @@ def load_bundle(model_path: str | os.PathLike[str]) -> ModelBundle:
     threshold = _training_threshold(path.parent, resolved)
     normalizer = None
     if resolved.get("stain_file"):
-        from python_task.transforms.stain import normalizer_from_dict
-
         normalizer = normalizer_from_dict(json.loads((path.parent / resolved["stain_file"]).read_text()))
     try:
-        model = keras.saving.load_model(path, compile=False)
+        model = load_model(path, compile=False)
     except Exception as exc:  # noqa: BLE001 - any loader failure is a bad model file for the user
         raise TaskError(path, f"cannot load the model ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") \
             from None
-    return ModelBundle(model, tile_size, mpp, threshold, tuple(resolved.get("label_names", ("benign", "malignant"))),
+    return ModelBundle(model, tile_size, mpp, threshold, tuple(resolved.get("label_names", DEFAULT_CLASSES)),
                        normalizer, path)
 
 
@@ -92,55 +95,11 @@ def _training_threshold(folder: Path, resolved: dict[str, Any]) -> float:
     try:
         value = float(value)
     except (TypeError, ValueError):
-        return 0.5
-    return value if math.isfinite(value) else 0.5
+        return DEFAULT_THRESHOLD
+    return value if math.isfinite(value) else DEFAULT_THRESHOLD
 
 
-@dataclass
-class SlidePlan:
-    """Tiles to score: level-0 corners, grid cells, and (with annotations) their region."""
-
-    coords: np.ndarray  # (N, 2) int64
-    cells: np.ndarray  # (N, 2) int64: column, row in the probability grid
-    region: np.ndarray  # (N,) int32, -1 without annotations
-    tissue: np.ndarray  # (N,) float32
-    grid_shape: tuple[int, int]  # rows, columns
-    step: float
-    extent: float
-
-
-def plan_slide(slide, reader, *, regions: Sequence[Any] | None, min_tissue: float, min_coverage: float,
-               stride: int | None = None, tissue_mpp: float = 8.0) -> SlidePlan:
-    """Every tissue tile of the slide's grid, or only those covered by ``regions`` (annotations)."""
-    from python_task.wsi.tiling import GridSpec, coverage_of, tile_boxes
-    from python_task.wsi.tissue import detect_tissue
-
-    width, height = slide.dimensions
-    step = (stride or reader.tile_size) * reader.downsample
-    grid = GridSpec(extent=reader.tile_extent0, step=step, width=width, height=height)
-    xs, ys = grid.full_grid()
-    tissue = detect_tissue(slide, target_mpp=tissue_mpp)
-    frac = tissue.fractions(xs.astype(np.float64), ys.astype(np.float64), grid.extent)
-    keep = frac >= min_tissue
-    region = np.full(len(xs), -1, np.int32)
-    if regions:
-        boxes = tile_boxes(xs, ys, grid.extent)
-        best = np.zeros(len(xs))
-        for r in regions:
-            cov = coverage_of(boxes, r.geometry, grid.extent**2)
-            better = cov > best
-            region[better], best[better] = r.index, cov[better]
-        keep &= best >= min_coverage
-    cols = np.round(xs / step).astype(np.int64)
-    rows = np.round(ys / step).astype(np.int64)
-    n_cols = int(cols.max()) + 1 if len(cols) else 0
-    n_rows = int(rows.max()) + 1 if len(rows) else 0
-    return SlidePlan(coords=np.stack([xs, ys], 1)[keep], cells=np.stack([cols, rows], 1)[keep], region=region[keep],
-                     tissue=frac[keep].astype(np.float32), grid_shape=(n_rows, n_cols), step=step,
-                     extent=grid.extent)
-
-
-def _batches(reader, coords: np.ndarray, batch_size: int, normalizer) -> Iterator[tuple[int, np.ndarray]]:
+def _batches(reader: TileReader, coords: np.ndarray, batch_size: int, normalizer) -> Iterator[tuple[int, np.ndarray]]:
     """Read tiles in a background thread, ``batch_size`` at a time, at most two batches ahead."""
     q: queue.Queue = queue.Queue(maxsize=2)
     stop = threading.Event()
@@ -181,10 +140,9 @@ def _batches(reader, coords: np.ndarray, batch_size: int, normalizer) -> Iterato
                 thread.join(0.05)
 
 
-def score_tiles(bundle: ModelBundle, reader, coords: np.ndarray, *, batch_size: int = 64,
+def score_tiles(bundle: ModelBundle, reader: TileReader, coords: np.ndarray, *, batch_size: int = 64,
                 progress: bool = True) -> np.ndarray:
-    from python_task.training.loop import predict_padded
-
+    """Probabilities for the tiles at ``coords``, read and normalised in a background thread."""
     probs = np.empty(len(coords), np.float32)
     bar = tqdm(total=len(coords), unit="tile", desc="predict", disable=None if progress else True, file=sys.stderr)
     for start, batch in _batches(reader, coords, batch_size, bundle.normalizer):
@@ -194,14 +152,14 @@ def score_tiles(bundle: ModelBundle, reader, coords: np.ndarray, *, batch_size: 
     return probs
 
 
-def probability_grid(plan: SlidePlan, probs: np.ndarray) -> np.ndarray:
+def probability_grid(plan: GridPlan, probs: np.ndarray) -> np.ndarray:
     grid = np.full(plan.grid_shape, np.nan, np.float32)
     if len(probs):
         grid[plan.cells[:, 1], plan.cells[:, 0]] = probs
     return grid
 
 
-def tiles_geojson(plan: SlidePlan, probs: np.ndarray, threshold: float, label_names: Sequence[str]) -> dict:
+def tiles_geojson(plan: GridPlan, probs: np.ndarray, threshold: float, label_names: Sequence[str]) -> dict:
     """One QuPath detection per tile: its box in level-0 px, a class by threshold, the probability measurement."""
     negative, positive = label_names[0], label_names[-1]
     colors = {negative: [64, 160, 64], positive: [200, 40, 40]}
@@ -217,14 +175,13 @@ def tiles_geojson(plan: SlidePlan, probs: np.ndarray, threshold: float, label_na
     return {"type": "FeatureCollection", "features": features}
 
 
-def slide_summary(plan: SlidePlan, probs: np.ndarray, bundle: ModelBundle, slide, reader,
-                  regions: Sequence[Any] | None) -> dict[str, Any]:
+def slide_summary(plan: GridPlan, probs: np.ndarray, bundle: ModelBundle, slide: Slide, reader: TileReader,
+                  regions: Sequence[Region] | None) -> dict[str, Any]:
     threshold = bundle.threshold
     score = float(np.mean(probs)) if len(probs) else float("nan")
-    top = np.sort(probs)[-max(1, len(probs) // 10):] if len(probs) else probs
     summary: dict[str, Any] = {
         "slide_path": str(slide.path), "model": str(bundle.source), "slide_score": score,
-        "slide_score_top10": float(np.mean(top)) if len(top) else float("nan"),
+        "slide_score_top10": top_fraction_mean(probs),
         "fraction_malignant_tiles": float(np.mean(probs >= threshold)) if len(probs) else float("nan"),
         "threshold": threshold,
         "predicted_diagnosis": (bundle.label_names[-1] if score >= threshold else bundle.label_names[0])
@@ -251,14 +208,12 @@ def slide_summary(plan: SlidePlan, probs: np.ndarray, bundle: ModelBundle, slide
     return summary
 
 
-def draw_heatmap(path: Path, slide, grid: np.ndarray, plan: SlidePlan, regions: Sequence[Any] | None,
+def draw_heatmap(path: Path, slide: Slide, grid: np.ndarray, plan: GridPlan, regions: Sequence[Region] | None,
                  title: str, threshold: float, max_size: int = 2048) -> None:
-    import matplotlib
+    import matplotlib  # only for the figure: keeps matplotlib out of every other import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from python_task.wsi.slides import thumbnail
 
     thumb, ds = thumbnail(slide, max_size)
     h, w = thumb.shape[:2]
@@ -287,32 +242,27 @@ def draw_heatmap(path: Path, slide, grid: np.ndarray, plan: SlidePlan, regions: 
 
 def predict_slide(model_path: str | os.PathLike[str], slide_path: str | os.PathLike[str],
                   out_dir: str | os.PathLike[str], *, annotations: str | os.PathLike[str] | None = None,
-                  slide_mpp: float | None = None, batch_size: int = 64, min_tissue: float = 0.5,
-                  min_coverage: float = 0.5, stride: int | None = None, offset: tuple[float, float] = (0.0, 0.0),
-                  reader_name: str = "auto", progress: bool = True) -> dict[str, Any]:
+                  slide_mpp: float | None = None, batch_size: int = 64, min_tissue: float = TILING.min_tissue,
+                  min_coverage: float = TILING.min_coverage, stride: int | None = TILING.stride,
+                  offset: tuple[float, float] = TILING.offset, reader_name: str = TILING.reader,
+                  progress: bool = True) -> dict[str, Any]:
     """Score every tissue tile (or every annotated tile) of a slide and write the four outputs."""
-    from python_task.wsi.slides import TileReader, open_slide
-
     if batch_size < 1:
-        raise TaskError("--batch-size", f"must be at least 1, got {batch_size}")
+        raise ConfigError("batch_size", f"must be at least 1, got {batch_size}")
     t0 = time.perf_counter()
     bundle = load_bundle(model_path)
     out = Path(out_dir)
     regions = None
     with open_slide(slide_path, mpp=slide_mpp, reader=reader_name) as slide:
         if annotations is not None:
-            from python_task.wsi.annotations import clip_regions, read_annotations, translate_regions
-
-            regions = read_annotations(annotations)
-            if offset != (0.0, 0.0):
-                regions = translate_regions(regions, *offset)
-            regions, _ = clip_regions(regions, *slide.dimensions, path=annotations)
+            regions = place_regions(read_annotations(annotations), *slide.dimensions, offset=offset,
+                                    path=annotations)
         reader = TileReader(slide, bundle.mpp, bundle.tile_size)
-        plan = plan_slide(slide, reader, regions=regions, min_tissue=min_tissue, min_coverage=min_coverage,
-                          stride=stride)
+        plan = plan_grid(reader, regions=regions, min_tissue=min_tissue, min_coverage=min_coverage, stride=stride,
+                         tissue_mpp=TILING.tissue_mpp)
         if len(plan.coords) == 0:
             where = "inside the annotations" if regions else "on the slide"
-            raise TaskError(slide_path, f"no tissue tile {where} (min tissue {min_tissue}); nothing to predict")
+            raise SlideError(slide_path, f"no tissue tile {where} (min tissue {min_tissue}); nothing to predict")
         probs = score_tiles(bundle, reader, plan.coords, batch_size=batch_size, progress=progress)
         grid = probability_grid(plan, probs)
         summary = slide_summary(plan, probs, bundle, slide, reader, regions)
@@ -329,8 +279,3 @@ def predict_slide(model_path: str | os.PathLike[str], slide_path: str | os.PathL
         draw_heatmap(out / "heatmap.png", slide, grid, plan, regions, title, bundle.threshold)
     write_json_atomic(out / "slide.json", summary)  # last: its presence means the outputs are complete
     return summary
-
-
-def tile_boxes_of(coords: np.ndarray, extent: float) -> np.ndarray:
-    """Shapely boxes of tiles (for tests and notebooks)."""
-    return shapely.box(coords[:, 0], coords[:, 1], coords[:, 0] + extent, coords[:, 1] + extent)

@@ -3,14 +3,12 @@
 Each slide is one job: open the slide, read and label its regions, plan the tile grid, read the tiles and write
 the shard under a temporary name, then rename it. Finished shards are skipped on a re-run, so a killed run
 resumes where it stopped. Slides run in parallel processes (``workers``); one failing slide does not stop the
-others, and the failures are listed at the end.
+others, and the failures are listed at the end (logged, one line per slide).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
-import csv
-import dataclasses
 import json
 import logging
 import multiprocessing as mp
@@ -24,74 +22,24 @@ from typing import Any
 
 import numpy as np
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
-from python_task import (DEFAULT_CODEC, DEFAULT_MIN_COVERAGE, DEFAULT_MIN_TISSUE, DEFAULT_MPP, DEFAULT_QUALITY,
-                         DEFAULT_TILE_SIZE)
-from python_task.wsi.annotations import clip_regions, read_annotations, translate_regions
-from python_task.errors import TaskError
+from python_task.errors import AnnotationError, ConfigError, ShardError, SlideError, TaskError
+from python_task.shards.format import ShardWriter, read_shard_info, shard_path
+from python_task.shards.manifest import MANIFEST_NAME, write_manifest
+from python_task.shards.params import ExtractParams
+from python_task.wsi.annotations import place_regions, read_annotations
+from python_task.wsi.cohort import SlideJob
 from python_task.wsi.labels import label_regions, load_label_map
-from python_task.shards.format import MANIFEST_NAME, ShardWriter, read_shard_info, shard_path, write_manifest
 from python_task.wsi.slides import TileReader, open_slide
 from python_task.wsi.tiling import GridSpec, TilePlan, describe_drops, plan_tiles
 from python_task.wsi.tissue import detect_tissue
 
 log = logging.getLogger(__name__)
 
-WRITE_BATCH = 128
-
-
-@dataclass(frozen=True)
-class ExtractParams:
-    """Every parameter that shapes a shard; stored as the shard's ``params`` attribute."""
-
-    tile_size: int = DEFAULT_TILE_SIZE
-    mpp: float = DEFAULT_MPP
-    min_coverage: float = DEFAULT_MIN_COVERAGE
-    min_tissue: float = DEFAULT_MIN_TISSUE
-    stride: int | None = None  # grid step in output px; None = tile_size
-    codec: str = DEFAULT_CODEC
-    quality: int = DEFAULT_QUALITY
-    labels: Path | None = None
-    ignore_unknown: bool = False
-    slide_mpp: float | None = None
-    reader: str = "auto"
-    offset: tuple[float, float] = (0.0, 0.0)
-    tissue_mpp: float = 8.0
-
-    def validate(self) -> None:
-        if self.tile_size < 16:
-            raise TaskError("--tile-size", f"must be at least 16 px, got {self.tile_size}")
-        if not self.mpp > 0:
-            raise TaskError("--mpp", f"must be positive, got {self.mpp}")
-        if self.slide_mpp is not None and not self.slide_mpp > 0:
-            raise TaskError("--slide-mpp", f"must be positive, got {self.slide_mpp}")
-        for name, value in (("--min-coverage", self.min_coverage), ("--min-tissue", self.min_tissue)):
-            if not 0.0 <= value <= 1.0:
-                raise TaskError(name, f"must be between 0 and 1, got {value}")
-        if self.stride is not None and self.stride < 1:
-            raise TaskError("--stride", f"must be positive, got {self.stride}")
-        if not 1 <= self.quality <= 100:
-            raise TaskError("--quality", f"must be between 1 and 100, got {self.quality}")
-
-    def shard_params(self) -> dict[str, Any]:
-        """The parameters that make two shards comparable (what a resumed run must match)."""
-        d = dataclasses.asdict(self)
-        d["labels"] = None if self.labels is None else str(self.labels)
-        d["offset"] = list(self.offset)
-        d.pop("reader")  # both readers give the same pixels
-        return d
-
+WRITE_BATCH = 128  # tiles read, then appended to the shard, at a time
 
 DEFAULT_PARAMS = ExtractParams()
-
-
-@dataclass(frozen=True)
-class SlideJob:
-    slide_id: str
-    patient_id: str
-    slide_path: Path
-    annotation_path: Path
-    diagnosis: str = ""
 
 
 @dataclass
@@ -122,43 +70,6 @@ class ExtractReport:
         return sum(r.n_tiles for r in self.results if r.status == "done")
 
 
-def read_cohort(path: str | os.PathLike[str]) -> list[SlideJob]:
-    """Rows of ``cohort.csv``; relative paths are resolved against the CSV's folder."""
-    path = Path(path)
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            rows = list(reader)
-            columns = set(reader.fieldnames or [])
-    except FileNotFoundError:
-        raise TaskError(path, "cohort table not found") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise TaskError(path, f"not a readable CSV ({exc})") from None
-    missing = {"slide_id", "patient_id", "slide_path", "annotation_path"} - columns
-    if missing:
-        raise TaskError(path, f"missing column(s) {', '.join(sorted(missing))}")
-    if not rows:
-        raise TaskError(path, "no slides listed")
-    jobs, seen = [], set()
-    for n, row in enumerate(rows, start=2):
-        slide_id = (row["slide_id"] or "").strip()
-        if not slide_id or any(c in slide_id for c in "/\\"):
-            raise TaskError(path, f"line {n}: invalid slide_id {slide_id!r}")
-        if slide_id in seen:
-            raise TaskError(path, f"line {n}: slide_id {slide_id!r} listed twice")
-        seen.add(slide_id)
-        jobs.append(SlideJob(slide_id=slide_id, patient_id=(row["patient_id"] or "").strip() or slide_id,
-                             slide_path=_resolve(path.parent, row["slide_path"]),
-                             annotation_path=_resolve(path.parent, row["annotation_path"]),
-                             diagnosis=(row.get("diagnosis") or "").strip()))
-    return jobs
-
-
-def _resolve(base: Path, value: str) -> Path:
-    p = Path((value or "").strip())
-    return p if p.is_absolute() else base / p
-
-
 def extract_slide(job: SlideJob, out_dir: str | os.PathLike[str], params: ExtractParams = DEFAULT_PARAMS, *,
                   progress: bool = False) -> SlideResult:
     """Cut one slide into a shard at ``out_dir/<slide_id>.h5``. Raises :class:`TaskError` on bad input."""
@@ -166,27 +77,22 @@ def extract_slide(job: SlideJob, out_dir: str | os.PathLike[str], params: Extrac
     label_map = load_label_map(params.labels)
     regions = read_annotations(job.annotation_path)
     with open_slide(job.slide_path, mpp=params.slide_mpp, reader=params.reader) as slide:
-        if params.offset != (0.0, 0.0):
-            regions = translate_regions(regions, *params.offset)
         width, height = slide.dimensions
-        regions, warnings = clip_regions(regions, width, height, path=job.annotation_path)
-        for w in warnings:
-            log.warning("%s: %s", job.annotation_path, w)
+        regions = place_regions(regions, width, height, offset=params.offset, path=job.annotation_path)
         labelled, skipped = label_regions(regions, label_map, ignore_unknown=params.ignore_unknown,
                                           path=job.annotation_path)
         if not labelled:
-            raise TaskError(job.annotation_path, "no region with a class of the labels file "
-                            f"({', '.join(label_map.label_names)}); skipped: {_fmt_counts(skipped)}")
+            raise AnnotationError(job.annotation_path, "no region with a class of the labels file "
+                                  f"({', '.join(label_map.label_names)}); skipped: {_fmt_counts(skipped)}")
         reader = TileReader(slide, params.mpp, params.tile_size)
-        stride = params.stride or params.tile_size
-        grid = GridSpec(extent=reader.tile_extent0, step=stride * reader.downsample, width=width, height=height)
+        grid = GridSpec.for_reader(reader, params.stride)
         tissue = detect_tissue(slide, target_mpp=params.tissue_mpp)
         plan = plan_tiles(labelled, grid, tissue, min_coverage=params.min_coverage, min_tissue=params.min_tissue,
                           n_classes=len(label_map.label_names))
         if len(plan) == 0:
-            raise TaskError(job.slide_path, f"no tile kept: {plan.candidates} grid tiles touch the regions, dropped "
-                            f"{describe_drops(plan)} (tissue found on {100 * tissue.mask.mean():.0f}% of the "
-                            "slide; check the annotations or lower --min-coverage/--min-tissue)")
+            raise SlideError(job.slide_path, f"no tile kept: {plan.candidates} grid tiles touch the regions, "
+                             f"dropped {describe_drops(plan)} (tissue found on {100 * tissue.mask.mean():.0f}% of the "
+                             "slide; check the annotations or lower `min_coverage`/`min_tissue`)")
         attrs = {"slide_id": job.slide_id, "patient_id": job.patient_id, "slide_path": str(job.slide_path),
                  "annotation_path": str(job.annotation_path), "diagnosis": job.diagnosis,
                  "label_names": list(label_map.label_names), "mpp": reader.mpp, "level": reader.level,
@@ -235,7 +141,7 @@ def _existing_shard_status(job: SlideJob, out_dir: Path, params: ExtractParams) 
         return None
     info = read_shard_info(path)
     if info.params != json.loads(json.dumps(params.shard_params())):
-        raise TaskError(path, "shard exists but was made with other parameters; use --overwrite or another --out")
+        raise ShardError(path, "shard exists but was made with other parameters; use `overwrite` or another `out`")
     return SlideResult(job.slide_id, "skipped", f"{job.slide_id}: shard exists ({info.n_tiles} tiles), skipped",
                        n_tiles=info.n_tiles)
 
@@ -259,10 +165,10 @@ def _run_job(job: SlideJob, out_dir: Path, params: ExtractParams, overwrite: boo
 
 def extract_cohort(jobs: Sequence[SlideJob], out_dir: str | os.PathLike[str], params: ExtractParams = DEFAULT_PARAMS,
                    *, workers: int = 1, overwrite: bool = False, progress: bool = True) -> ExtractReport:
-    """Extract every slide; write ``manifest.csv``; print a line per slide and the failures at the end."""
+    """Extract every slide; write ``manifest.csv``; log a line per slide and the failures at the end."""
     params.validate()
     if workers < 1:
-        raise TaskError("--workers", f"must be at least 1, got {workers}")
+        raise ConfigError("workers", f"must be at least 1, got {workers}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     load_label_map(params.labels)  # a bad labels file fails once, before any slide
@@ -276,18 +182,19 @@ def extract_cohort(jobs: Sequence[SlideJob], out_dir: str | os.PathLike[str], pa
         if result.status == "done":
             line += f" [{result.seconds:.1f} s]"
         if progress and (result.status != "failed" or len(jobs) > 1):
-            tqdm.write(line, file=sys.stderr)
+            log.info("%s", line)
         bar.update(1)
 
-    if workers == 1 or len(jobs) == 1:
-        for job in jobs:
-            record(_run_job(job, out, params, overwrite, progress and len(jobs) == 1))
-    else:
-        ctx = mp.get_context("spawn")
-        with cf.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:
-            futures = [pool.submit(_run_job, job, out, params, overwrite, False) for job in jobs]
-            for fut in cf.as_completed(futures):
-                record(fut.result())
+    with logging_redirect_tqdm():  # the per-slide lines above the bar, not through it
+        if workers == 1 or len(jobs) == 1:
+            for job in jobs:
+                record(_run_job(job, out, params, overwrite, progress and len(jobs) == 1))
+        else:
+            ctx = mp.get_context("spawn")
+            with cf.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:
+                futures = [pool.submit(_run_job, job, out, params, overwrite, False) for job in jobs]
+                for fut in cf.as_completed(futures):
+                    record(fut.result())
     bar.close()
     has_shards = any(r.status != "failed" for r in results) or (out / MANIFEST_NAME).exists()
     manifest = write_manifest(out) if has_shards else None
@@ -295,15 +202,15 @@ def extract_cohort(jobs: Sequence[SlideJob], out_dir: str | os.PathLike[str], pa
     if len(jobs) == 1 and report.failed:
         raise TaskError(None, report.failed[0].message)  # a single slide: just its one-line error
     if progress:
-        _print_closing(report)
+        _log_closing(report)
     return report
 
 
-def _print_closing(report: ExtractReport) -> None:
+def _log_closing(report: ExtractReport) -> None:
     done = [r for r in report.results if r.status != "failed"]
-    print(f"{len(done)} of {len(report.results)} slides extracted, {report.n_tiles} new tiles; manifest: "
-          f"{report.manifest}", file=sys.stderr)
+    log.info("%d of %d slides extracted, %d new tiles; manifest: %s", len(done), len(report.results),
+             report.n_tiles, report.manifest)
     if report.failed:
-        print(f"failed slides ({len(report.failed)}):", file=sys.stderr)
+        log.info("failed slides (%d):", len(report.failed))
         for r in report.failed:
-            print(f"  {r.slide_id}: {r.message}", file=sys.stderr)
+            log.info("  %s: %s", r.slide_id, r.message)

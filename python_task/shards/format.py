@@ -1,6 +1,6 @@
 """The HDF5 tile shard: one file per slide, written atomically, read without file locking.
 
-Layout (see ``contracts.md``): datasets ``images``, ``coords``, ``labels``, ``roi``, ``coverage``, ``tissue`` and
+Layout (see ``docs/formats.md``): datasets ``images``, ``coords``, ``labels``, ``roi``, ``coverage``, ``tissue`` and
 file attributes ``codec``, ``slide_id``, ``patient_id``, ``slide_path``, ``label_names``, ``tile_size``, ``mpp``,
 ``level``, ``downsample``, ``format_version``, ``params``. Only HDF5's built-in deflate filter is used, so plain
 h5py opens every dataset without plugins.
@@ -11,10 +11,9 @@ immutable once renamed into place.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -25,13 +24,12 @@ import imagecodecs
 import numpy as np
 from h5py import h5s, h5t
 
-from python_task import FORMAT_VERSION
-from python_task.errors import TaskError
-from python_task.fileio import atomic_path, write_csv_atomic
+from python_task.errors import ConfigError, ShardError
+from python_task.fileio import atomic_path
+from python_task.shards.params import CODECS
 
-CODECS = ("jpeg", "raw")
+FORMAT_VERSION = 1  # the file attribute format_version of the shards written here
 SHARD_SUFFIX = ".h5"
-MANIFEST_NAME = "manifest.csv"
 _RAW_GZIP_LEVEL = 4
 
 
@@ -73,7 +71,7 @@ class ShardWriter:
     def __init__(self, path: str | os.PathLike[str], *, codec: str, tile_size: int, attrs: dict[str, Any],
                  quality: int = 90) -> None:
         if codec not in CODECS:
-            raise TaskError(path, f"unknown codec {codec!r}; choose from {', '.join(CODECS)}")
+            raise ConfigError("codec", f"unknown codec {codec!r}; choose from {', '.join(CODECS)}", path=path)
         self.path = Path(path)
         self.codec = codec
         self.tile_size = tile_size
@@ -165,9 +163,9 @@ def open_shard_file(path: str | os.PathLike[str]) -> h5py.File:
     try:
         return h5py.File(path, "r", locking=False)
     except FileNotFoundError:
-        raise TaskError(path, "shard not found") from None
+        raise ShardError(path, "shard not found") from None
     except OSError as exc:
-        raise TaskError(path, f"not a readable HDF5 shard ({exc})") from None
+        raise ShardError(path, f"not a readable HDF5 shard ({exc})") from None
 
 
 def _attr_str(attrs: h5py.AttributeManager, key: str, default: str = "") -> str:
@@ -190,7 +188,7 @@ def shard_info_from_file(f: h5py.File, path: Path) -> ShardInfo:
             mpp=float(a["mpp"]), level=int(a["level"]), downsample=float(a["downsample"]),
             n_tiles=int(f["labels"].shape[0]), params=json.loads(_attr_str(a, "params", "{}")))
     except KeyError as exc:
-        raise TaskError(path, f"not a tile shard: missing {exc}") from None
+        raise ShardError(path, f"not a tile shard: missing {exc}") from None
 
 
 class ShardReader:
@@ -303,40 +301,3 @@ def shard_path(out_dir: str | os.PathLike[str], slide_id: str) -> Path:
 def list_shards(shards_dir: str | os.PathLike[str]) -> list[Path]:
     """Finished shards in a folder (temporary files of an interrupted run are ignored)."""
     return sorted(p for p in Path(shards_dir).glob(f"*{SHARD_SUFFIX}") if not p.name.startswith("."))
-
-
-def manifest_rows(shards_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """One manifest row per finished shard, with tile counts per class."""
-    rows = []
-    for path in list_shards(shards_dir):
-        with open_shard_file(path) as f:
-            info = shard_info_from_file(f, path)
-            counts = np.bincount(f["labels"][()], minlength=len(info.label_names))
-        row: dict[str, Any] = {"slide_id": info.slide_id, "patient_id": info.patient_id,
-                               "diagnosis": info.diagnosis, "shard": path.name, "n_tiles": info.n_tiles}
-        for name, count in zip(info.label_names, counts):
-            row[f"n_{name}"] = int(count)
-        row.update(codec=info.codec, tile_size=info.tile_size, mpp=round(info.mpp, 6))
-        rows.append(row)
-    return rows
-
-
-def write_manifest(shards_dir: str | os.PathLike[str]) -> Path:
-    """(Re)write ``manifest.csv`` from the shards present, so a resumed run lists every shard."""
-    rows = manifest_rows(shards_dir)
-    path = Path(shards_dir) / MANIFEST_NAME
-    if rows:
-        write_csv_atomic(path, rows)
-    else:
-        write_csv_atomic(path, [], fieldnames=["slide_id", "patient_id", "diagnosis", "shard", "n_tiles"])
-    return path
-
-
-def read_manifest_csv(path: str | os.PathLike[str]) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
-
-
-def iter_shard_readers(shards_dir: str | os.PathLike[str]) -> Iterator[ShardReader]:
-    for path in list_shards(shards_dir):
-        yield ShardReader(path)

@@ -26,9 +26,14 @@ import numpy as np
 
 NAN = float("nan")
 AGGREGATIONS = ("mean", "median", "top10")
+TOP_FRACTION = 0.1  # ``top10``: a group's score is the mean of its highest 10 % of tile probabilities
 PROB_EPSILON = 1e-7
 TILE_KEYS = ("val_auc", "val_accuracy", "val_balanced_accuracy", "val_sensitivity", "val_specificity", "val_f1",
              "val_loss")
+# The contract's metrics (``metrics.json`` of every run, the metric columns of ``results.csv``), in order: what
+# OpenMOLE parses into Vals of the same names and what the report ranks by.
+CONTRACT_METRICS = (*TILE_KEYS, "val_slide_auc", "val_patient_auc", "threshold", "train_seconds", "epochs_run",
+                    "n_train_tiles", "n_val_tiles", "n_params")
 
 
 def _arrays(y_true, prob) -> tuple[np.ndarray, np.ndarray]:
@@ -148,8 +153,24 @@ def aggregate(prob, y_true, groups, how: str = "mean") -> tuple[np.ndarray, np.n
             elif how == "median":
                 scores[k] = np.median(vals)
             else:
-                scores[k] = vals[-max(1, math.ceil(0.1 * len(vals))):].mean()
+                scores[k] = top_fraction_mean(vals)
     return ids, scores.astype(np.float64), labels
+
+
+def top_fraction_mean(values, fraction: float = TOP_FRACTION) -> float:
+    """Mean of the highest ceil(``fraction`` of the) values, at least one; NaN when there is none."""
+    v = np.sort(np.asarray(values, dtype=np.float64).reshape(-1))
+    if v.size == 0:
+        return NAN
+    return float(v[-max(1, math.ceil(fraction * len(v))):].mean())
+
+
+def binary_cross_entropy(y_true, prob) -> float:
+    """Mean binary cross-entropy of probabilities clipped to [``PROB_EPSILON``, 1 - ``PROB_EPSILON``] (Keras'
+    epsilon); NaN for no input. The per-epoch validation loss of training."""
+    y = np.asarray(y_true, dtype=np.float64)
+    p = np.clip(np.asarray(prob, dtype=np.float64), PROB_EPSILON, 1 - PROB_EPSILON)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))) if len(y) else NAN
 
 
 def group_auc(y_true, prob, groups, how: str = "mean") -> float:

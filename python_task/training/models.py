@@ -1,4 +1,5 @@
-"""The architecture registry: every entry builds a binary tile classifier (one sigmoid output = P(malignant)).
+"""The architectures' builders: every registry entry (:mod:`python_task.training.architectures`) becomes a binary
+tile classifier (one sigmoid output = P(malignant)).
 
 Every model built here takes RGB tiles as floats in ``[0, 255]`` (uint8 range, shape ``(T, T, 3)``) and applies
 its own architecture-matching input scaling as its first layer (:class:`InputNormalization`, named
@@ -19,21 +20,17 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 import numpy as np
 from keras import layers, ops
 
-from python_task.errors import TaskError
+from python_task.errors import ConfigError
+from python_task.training.architectures import ARCHITECTURES, PREPROCESSING_MODES, ModelSpec
 
 __all__ = [
-    "ARCHITECTURES",
-    "PREPROCESSING_MODES",
     "InputNormalization",
-    "ModelSpec",
-    "architecture_names",
     "backbone_of",
     "build_model",
     "count_params",
@@ -48,25 +45,6 @@ PREPROCESS = "preprocess"
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 _TORCH_MEAN = (0.485, 0.456, 0.406)
 _TORCH_STD = (0.229, 0.224, 0.225)
-
-PREPROCESSING_MODES: dict[str, str] = {
-    "unit": "x / 255",
-    "symmetric": "x / 127.5 - 1",
-    "caffe": "RGB -> BGR, minus the ImageNet mean (0-255 scale)",
-    "torch": "(x / 255 - ImageNet mean) / ImageNet std",
-    "raw": "x unchanged (the backbone rescales by itself)",
-}
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One registry entry."""
-
-    name: str
-    preprocessing: str  # a key of PREPROCESSING_MODES: how raw [0, 255] RGB is scaled for this architecture
-    description: str
-    min_size: int  # smallest tile (px) the architecture accepts
-    pretrained_file: str = ""  # the usual name of the Keras ImageNet 'notop' weights file, when there is one
 
 
 # --------------------------------------------------------------------------------------------- input scaling
@@ -163,37 +141,12 @@ def _keras_app(constructor_name: str) -> Callable[..., keras.Model]:
 _APPS = {"resnet50": "ResNet50", "efficientnet_b0": "EfficientNetB0", "densenet121": "DenseNet121",
          "mobilenet_v2": "MobileNetV2", "inception_v3": "InceptionV3", "convnext_tiny": "ConvNeXtTiny"}
 
-ARCHITECTURES: dict[str, ModelSpec] = {
-    spec.name: spec
-    for spec in (
-        ModelSpec("simple_cnn", "unit", "small fast baseline: 4 conv-BN-ReLU-pool blocks, global average pooling", 32),
-        ModelSpec("unet_encoder", "unit", "U-Net contracting path (double 3x3 conv-BN-ReLU, 2x2 max-pool, "
-                  "widths 32..512), global average pooling", 16),
-        ModelSpec("resnet50", "caffe", "ResNet-50 (He et al. 2016), keras.applications", 32,
-                  "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-        ModelSpec("efficientnet_b0", "raw", "EfficientNet-B0 (Tan & Le 2019), keras.applications; rescales inside",
-                  32, "efficientnetb0_notop.h5"),
-        ModelSpec("densenet121", "torch", "DenseNet-121 (Huang et al. 2017), keras.applications", 32,
-                  "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-        ModelSpec("mobilenet_v2", "symmetric", "MobileNetV2 (Sandler et al. 2018), keras.applications", 32,
-                  "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"),
-        ModelSpec("inception_v3", "symmetric", "Inception-v3 (Szegedy et al. 2016), keras.applications", 75,
-                  "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-        ModelSpec("convnext_tiny", "raw", "ConvNeXt-Tiny (Liu et al. 2022), keras.applications; rescales inside",
-                  32, "convnext_tiny_notop.h5"),
-    )
-}
-
 _BUILDERS: dict[str, Callable[..., keras.Model]] = {
     "simple_cnn": _simple_cnn,
     "unet_encoder": _unet_encoder,
     **{name: _keras_app(constructor) for name, constructor in _APPS.items()},
 }
-
-
-def architecture_names() -> list[str]:
-    """The names accepted by ``train --arch``, in registry order."""
-    return list(ARCHITECTURES)
+assert set(_BUILDERS) == set(ARCHITECTURES), "every registry entry needs a builder, and only those"
 
 
 # --------------------------------------------------------------------------------------------- public API
@@ -208,7 +161,7 @@ def build_model(arch: str, tile_size: int, *, dropout: float = 0.3, weights: str
     or from its backbone; a Keras ImageNet 'notop' ``*.h5`` for the keras.applications entries; or a
     ``model.keras`` of the same architecture (weights copied layer by layer where names and shapes match).
     ``base_filters`` and ``depth`` apply to ``simple_cnn`` / ``unet_encoder`` (depth: unet_encoder only).
-    ``seed`` makes the initial weights reproducible. Bad options or files raise :class:`TaskError`.
+    ``seed`` makes the initial weights reproducible. Bad options or files raise :class:`ConfigError`.
     """
     spec = _spec(arch)
     _check_options(spec, tile_size, dropout, base_filters, depth)
@@ -222,8 +175,9 @@ def build_model(arch: str, tile_size: int, *, dropout: float = 0.3, weights: str
                                    weights=str(weights_path) if legacy_app_file else None)
     except (ValueError, OSError, KeyError) as exc:
         if legacy_app_file:
-            raise TaskError(weights_path, f"cannot load these weights into {arch}: {_short(exc)}") from exc
-        raise TaskError("--arch", f"cannot build {arch} at {tile_size} px: {_short(exc)}") from exc
+            raise ConfigError("weights", f"cannot load these weights into {arch}: {_short(exc)}",
+                              path=weights_path) from exc
+        raise ConfigError("arch", f"cannot build {arch} at {tile_size} px: {_short(exc)}") from exc
 
     inputs = keras.Input((int(tile_size), int(tile_size), 3), name="tile")
     x = InputNormalization(spec.preprocessing, name=PREPROCESS)(inputs)
@@ -271,38 +225,39 @@ def unfreeze_backbone(model, *, keep_batchnorm_frozen: bool = True) -> None:
 
 def _spec(arch: str) -> ModelSpec:
     if arch not in ARCHITECTURES:
-        raise TaskError("--arch", f"unknown architecture {arch!r}; choose from: {', '.join(ARCHITECTURES)}")
+        raise ConfigError("arch", f"unknown architecture {arch!r}; choose from: {', '.join(ARCHITECTURES)}")
     return ARCHITECTURES[arch]
 
 
 def _check_options(spec: ModelSpec, tile_size: int, dropout: float, base_filters: int, depth: int) -> None:
     if isinstance(tile_size, bool) or not isinstance(tile_size, (int, np.integer)) or tile_size < 1:
-        raise TaskError("--tile-size", f"tile size must be a positive integer, got {tile_size!r}")
+        raise ConfigError("tile_size", f"tile size must be a positive integer, got {tile_size!r}")
     min_size = spec.min_size
     if spec.name == "unet_encoder":
         if not 1 <= depth <= 8:
-            raise TaskError("--depth", f"unet_encoder depth must be 1-8, got {depth}")
+            raise ConfigError("depth", f"unet_encoder depth must be 1-8, got {depth}")
         min_size = max(min_size, 2 ** (depth - 1))
     if tile_size < min_size:
-        raise TaskError("--tile-size", f"{spec.name} needs tiles of at least {min_size} px, got {tile_size} px; "
-                        f"use a larger --tile-size (or --input-size) or another --arch")
+        raise ConfigError("tile_size", f"{spec.name} needs tiles of at least {min_size} px, got {tile_size} px; "
+                          f"use a larger `tile_size` (or `input_size`) or another `arch`")
     if not 0.0 <= float(dropout) < 1.0:
-        raise TaskError("--dropout", f"dropout must be in [0, 1), got {dropout}")
+        raise ConfigError("dropout", f"dropout must be in [0, 1), got {dropout}")
     if int(base_filters) < 1:
-        raise TaskError("--base-filters", f"base filters must be >= 1, got {base_filters}")
+        raise ConfigError("base_filters", f"base filters must be >= 1, got {base_filters}")
 
 
 def _weights_path(weights: str | Path | None) -> Path | None:
     if weights is None or (isinstance(weights, str) and not weights.strip()):
         return None
     if str(weights).strip().lower() == "imagenet":
-        raise TaskError("--weights", "no downloads: give a local weights file (e.g. "
-                        "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5), not 'imagenet'")
+        raise ConfigError("weights", "no downloads: give a local weights file (e.g. "
+                          "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5), not 'imagenet'")
     path = Path(weights).expanduser()
     if not path.is_file():
-        raise TaskError(path, "weights file not found")
+        raise ConfigError("weights", "weights file not found", path=path)
     if _weights_kind(path) is None:
-        raise TaskError(path, "unsupported weights file: expected *.weights.h5, a Keras ImageNet *.h5 or *.keras")
+        raise ConfigError("weights", "unsupported weights file: expected *.weights.h5, a Keras ImageNet *.h5 or *.keras",
+                          path=path)
     return path
 
 
@@ -334,8 +289,8 @@ def _load_weights(model: keras.Model, backbone: keras.Model, path: Path, arch: s
             return
         except (ValueError, OSError, KeyError, TypeError) as exc:
             errors.append(exc)
-    raise TaskError(path, f"these weights fit neither the {arch} model nor its backbone (saved from another "
-                    f"architecture or --base-filters?): {_short(errors[-1])}")
+    raise ConfigError("weights", f"these weights fit neither the {arch} model nor its backbone (saved from another "
+                      f"architecture or `base_filters`?): {_short(errors[-1])}", path=path)
 
 
 def _load_by_name(model: keras.Model, backbone: keras.Model, path: Path, arch: str) -> None:
@@ -347,7 +302,7 @@ def _load_by_name(model: keras.Model, backbone: keras.Model, path: Path, arch: s
     try:
         source = keras.saving.load_model(path, compile=False)
     except Exception as exc:  # noqa: BLE001 - any failure to read the file is the user's to fix
-        raise TaskError(path, f"cannot read this model: {_short(exc)}") from exc
+        raise ConfigError("weights", f"cannot read this model: {_short(exc)}", path=path) from exc
     saved = {}
     for layer in _leaf_layers(source):
         if layer.weights:
@@ -365,8 +320,8 @@ def _load_by_name(model: keras.Model, backbone: keras.Model, path: Path, arch: s
         loaded += 1
         loaded_backbone += id(layer) in backbone_layers
     if not loaded_backbone:
-        raise TaskError(path, f"no layer of this model matches the {arch} backbone by name and shape "
-                        f"(a model of another architecture or --base-filters?)")
+        raise ConfigError("weights", f"no layer of this model matches the {arch} backbone by name and shape "
+                          "(a model of another architecture or `base_filters`?)", path=path)
 
 
 def _walk(layer) -> Iterator:

@@ -1,11 +1,11 @@
 """Tile augmentation in the input pipeline's reader threads: numpy + OpenCV on uint8 tiles.
 
-The same methods, options and semantics as the Keras layers of :mod:`python_task.transforms.augment_layers` (``flip``, ``rot90``,
-``rotate``, ``scale``, ``elastic``, ``grid``, ``hed``), run where the tiles are decoded instead of inside the
-model. On a CPU this is several times faster than the layers (OpenCV's SIMD ``remap`` and table look-ups on
+The same methods, options and semantics as the Keras layers of :mod:`python_task.transforms.augment_layers`
+(``flip``, ``rot90``, ``rotate``, ``scale``, ``elastic``, ``grid``, ``hed``), run where the tiles are decoded
+instead of inside the model. On a CPU this is several times faster than the layers (OpenCV's SIMD ``remap`` and table look-ups on
 ``uint8`` against float gathers in the compiled graph) and it overlaps with the training step, which runs in
 other threads; on a GPU node the layers are the better choice (the GPU does the work, the few CPU cores only
-decode). :func:`resolve_engine` picks between them (``--augment-on auto``).
+decode). :func:`~python_task.transforms.augmentations.resolve_engine` picks between them (``augment_on`` auto).
 
 Per tile, in this order:
 
@@ -26,8 +26,8 @@ Per 256 px tile on one core of the 2-core machine this is about 0.7-0.9 ms for f
 tile (``benchmarks/bench_input.py`` measures the pipeline).
 
 Randomness comes from the generator the pipeline hands to each batch, seeded from (seed, epoch, batch)
-(:class:`python_task.data.dataset.ShardBatches`): a run is repeatable whatever the thread scheduling, and a resumed run
-draws the same augmentations as an uninterrupted one.
+(:class:`python_task.data.dataset.ShardBatches`): a run is repeatable whatever the thread scheduling, and a
+resumed run draws the same augmentations as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -39,23 +39,19 @@ from functools import lru_cache
 import cv2
 import numpy as np
 
-from python_task.transforms.augment_layers import (ELASTIC_SIGMAS, GEOMETRIC, AugmentOptions, _linear_basis, _smooth_basis,
-                                 parse_augment)
-from python_task.errors import TaskError
+from python_task.transforms.augmentations import (
+    ELASTIC_SIGMAS,
+    GEOMETRIC,
+    AugmentOptions,
+    as_options,
+    linear_basis,
+    parse_augment,
+    smooth_basis,
+)
 from python_task.transforms.stain import HED_FROM_RGB, RGB_FROM_HED
-from python_task.training.loop import AUGMENT_ENGINES as ENGINES
 
 _LOG_LUT = np.log(np.arange(256, dtype=np.float64) + 1.0).astype(np.float32).reshape(256, 1)
 _LN256 = math.log(256.0)
-
-
-def resolve_engine(engine: str, accelerator: bool) -> str:
-    """``auto`` -> ``model`` (the Keras layers, on the accelerator) where there is one, else ``pipeline``."""
-    if engine not in ENGINES:
-        raise TaskError("--augment-on", f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
-    if engine == "auto":
-        return "model" if accelerator else "pipeline"
-    return engine
 
 
 def as_uint8(batch: np.ndarray) -> np.ndarray:
@@ -69,15 +65,15 @@ def as_uint8(batch: np.ndarray) -> np.ndarray:
 class PipelineAugmenter:
     """``(batch, rng) -> uint8 batch``: the ``transform`` of :class:`python_task.data.dataset.ShardBatches`.
 
-    ``names`` as for ``--augment`` (:func:`python_task.transforms.augment_layers.parse_augment`); ``options`` the ranges. Shape is
-    kept; the result is ``uint8``, so every value stays in [0, 255].
+    ``names``: a tuple of method names, or a ``flip,rot90`` list for
+    :func:`~python_task.transforms.augmentations.parse_augment`; ``options`` the ranges. Shape is kept; the
+    result is ``uint8``, so every value stays in [0, 255].
     """
 
-    def __init__(self, names: str | Sequence[str] | None, options: AugmentOptions | dict = AugmentOptions()) -> None:
+    def __init__(self, names: str | Sequence[str] | None,
+                 options: AugmentOptions | dict[str, float] | None = None) -> None:
         self.names = parse_augment(names)
-        if isinstance(options, dict):
-            options = AugmentOptions.from_dict(options)
-        self.options = options.validate()
+        self.options = options = as_options(options if options is not None else AugmentOptions())
         self.flip = "flip" in self.names
         self.rot90 = "rot90" in self.names
         self.hed = "hed" in self.names
@@ -175,7 +171,7 @@ class PipelineAugmenter:
         lattice, resized bilinearly to every pixel."""
         sigma = self.options.elastic_sigma
         by, bx = _coarse_smooth_basis(h, sigma), _coarse_smooth_basis(w, sigma)
-        (ny, my), (nx, mx) = by.shape, bx.shape
+        (ny, my), (_, mx) = by.shape, bx.shape
         noise = rng.standard_normal((my, mx * 2), dtype=np.float32)  # (my, mx, 2): the x and y fields interleaved
         noise *= np.float32(std)
         # by @ noise_c @ bx.T for both fields at once, already interleaved: two products, no merge
@@ -244,7 +240,7 @@ def _pixel_grid(h: int, w: int) -> np.ndarray:
 @lru_cache(maxsize=16)
 def _grid_basis(size: int, steps: int) -> np.ndarray:
     """The layers' linear interpolation from the grid's control points, cached (read-only, shared by threads)."""
-    basis = _linear_basis(size, steps)
+    basis = linear_basis(size, steps)
     basis.setflags(write=False)
     return basis
 
@@ -265,6 +261,6 @@ def _coarse_smooth_basis(size: int, sigma: float) -> np.ndarray:
     stride = max(1, int(sigma // 2))
     n = max(2, math.ceil(size / stride))
     at = (np.arange(n) + 0.5) * (size / n) - 0.5
-    basis = _smooth_basis(size, sigma, at=at)
+    basis = smooth_basis(size, sigma, at=at)
     basis.setflags(write=False)
     return basis

@@ -5,7 +5,7 @@ puts in front of the model (``keras.Sequential([augmenter, model])``); with ``tr
 identity, so the saved model is the inner one and prediction never augments. Input and output are float32 RGB
 in [0, 255] with the shape kept; every layer clips its output to [0, 255].
 
-Methods (names for ``--augment``, see :data:`AUGMENTATIONS`):
+Methods (names as in :data:`~python_task.transforms.augmentations.AUGMENTATIONS`):
 
 * ``flip``, ``rot90``: the lossless symmetries of a square tile, exact pixel permutations (random bits per
   image for transpose / row flip / column flip, turned into one source index per pixel and a gather: pixels are
@@ -28,103 +28,26 @@ on every backend.
 
 from __future__ import annotations
 
-import re
-
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import keras
 import numpy as np
 from keras import ops
 
-from python_task.errors import TaskError
+from python_task.transforms.augmentations import (
+    ELASTIC_SIGMAS,
+    GEOMETRIC,
+    AugmentOptions,
+    as_options,
+    linear_basis,
+    parse_augment,
+    smooth_basis,
+)
 from python_task.transforms.stain import HED_FROM_RGB, RGB_FROM_HED
 
-AUGMENTATIONS: dict[str, str] = {
-    "flip": "random horizontal and vertical flips, per image (exact pixel permutation)",
-    "rot90": "random rotation by a multiple of 90 degrees, per image (exact pixel permutation)",
-    "rotate": "small free rotation, uniform in +-rotate_degrees (bilinear, reflected borders)",
-    "scale": "random scaling by a factor uniform in 1 +- scale_range (bilinear, reflected borders)",
-    "elastic": "elastic deformation (Simard 2003): gaussian-smoothed random displacement field, displacement up "
-               "to about elastic_alpha px, smoothness elastic_sigma px",
-    "grid": "grid distortion (Allender 2022): grid_steps x grid_steps cells whose control points move by up to "
-            "+-grid_distort of a cell, bilinear in between",
-    "hed": "HED stain jitter (Tellez 2018): per stain, concentration * (1 +- hed_sigma) +- hed_bias in optical "
-           "density",
-}
-GEOMETRIC = ("rotate", "scale", "elastic", "grid")
-# the elastic displacement is gaussian with a standard deviation of elastic_alpha / ELASTIC_SIGMAS per axis, so
-# elastic_alpha is about the largest displacement (exceeded by one pixel in ~16,000); with RMS = elastic_alpha
-# the field folds over itself (tissue turns into marble) as soon as elastic_alpha nears elastic_sigma
-ELASTIC_SIGMAS = 4.0
 PACKAGE = "python_task"
-
-
-@dataclass(frozen=True)
-class AugmentOptions:
-    """Ranges of the augmentations (the defaults are mild: the tiles must still look like tissue)."""
-
-    rotate_degrees: float = 15.0  # free rotation, uniform in +-degrees
-    scale_range: float = 0.1  # scaling factor uniform in [1 - r, 1 + r]
-    elastic_alpha: float = 8.0  # displacement magnitude in px: about the largest (standard deviation alpha / 4)
-    elastic_sigma: float = 6.0  # smoothness: gaussian sigma of the displacement field in px
-    grid_steps: int = 5  # grid cells per side
-    grid_distort: float = 0.3  # control-point displacement, fraction of a cell (< 0.5 keeps the grid unfolded)
-    hed_sigma: float = 0.05  # per-stain multiplicative range
-    hed_bias: float = 0.02  # per-stain additive range (optical density, natural log)
-
-    def validate(self) -> AugmentOptions:
-        checks = (("rotate_degrees", 0 <= self.rotate_degrees <= 180, "must be in [0, 180]"),
-                  ("scale_range", 0 <= self.scale_range < 1, "must be in [0, 1)"),
-                  ("elastic_alpha", 0 <= self.elastic_alpha <= 1000, "must be in [0, 1000] px"),
-                  ("elastic_sigma", 0 < self.elastic_sigma <= 1000, "must be in (0, 1000] px"),
-                  ("grid_steps", float(self.grid_steps).is_integer() and 2 <= self.grid_steps <= 64,
-                   "must be a whole number in [2, 64]"),
-                  ("grid_distort", 0 <= self.grid_distort < 1, "must be in [0, 1)"),
-                  ("hed_sigma", 0 <= self.hed_sigma < 1, "must be in [0, 1)"),
-                  ("hed_bias", 0 <= self.hed_bias <= 5, "must be in [0, 5]"))
-        for name, ok, why in checks:
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or not ok:
-                raise TaskError("--" + name.replace("_", "-"), f"{why} (got {value!r})")
-        return self
-
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> AugmentOptions:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise TaskError("augment options",
-                            f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**d)
-
-
-def parse_augment(spec: str | Sequence[str] | None) -> tuple[str, ...]:
-    """``'flip,rot90,elastic'`` -> ``('flip', 'rot90', 'elastic')``; ``'none'``, ``''`` or None -> ``()``.
-
-    Names are case-insensitive, duplicates dropped, the order kept (the augmenter applies them in a fixed
-    order: flips and rotations by 90 degrees, then the geometric deformations, then the stain jitter).
-    """
-    if spec is None:
-        return ()
-    # ',' or '+' between names ('+' survives unquoted CSV columns, e.g. OpenMOLE's CSVHook)
-    items = re.split(r"[,+]", spec) if isinstance(spec, str) else [p for s in spec for p in re.split(r"[,+]", str(s))]
-    names: list[str] = []
-    for item in items:
-        name = item.strip().lower()
-        if not name or name == "none":
-            continue
-        if name not in AUGMENTATIONS:
-            raise TaskError("--augment", f"unknown augmentation {item.strip()!r}; choose from: none, "
-                            f"{', '.join(AUGMENTATIONS)}")
-        if name not in names:
-            names.append(name)
-    return tuple(names)
 
 
 def _layer_seed(seed: int, k: int) -> int:
@@ -132,14 +55,13 @@ def _layer_seed(seed: int, k: int) -> int:
 
 
 def build_augmenter(names: str | Sequence[str] | None, *, seed: int,
-                    options: AugmentOptions = AugmentOptions()) -> keras.Sequential | None:
-    """The augmentation layers for ``names`` (see :func:`parse_augment`), or None when there are none."""
+                    options: AugmentOptions | dict[str, Any] | None = None) -> keras.Sequential | None:
+    """The augmentation layers for ``names`` (a tuple of method names, or a ``flip,rot90`` list for
+    :func:`~python_task.transforms.augmentations.parse_augment`), or None when there are none."""
     names = parse_augment(names)
     if not names:
         return None
-    if isinstance(options, dict):
-        options = AugmentOptions.from_dict(options)
-    options.validate()
+    options = as_options(options if options is not None else AugmentOptions())
     layers: list[keras.layers.Layer] = []
     flip, rot90 = "flip" in names, "rot90" in names
     geometric = {n: n in names for n in GEOMETRIC}
@@ -319,38 +241,6 @@ def bilinear_sample(images, ys, xs):
     return corner(i00, w00) + corner(i01, w01) + corner(i10, w10) + corner(i11, w11)
 
 
-def _smooth_basis(size: int, sigma: float, max_nodes: int = 48, at: np.ndarray | None = None) -> np.ndarray:
-    """``(size, n)``: gaussian bumps of ``sigma`` px on nodes spaced ``1.5 sigma`` (at most ``max_nodes`` of
-    them, widening the bumps if needed) covering the tile plus ``3 sigma`` on each side; each row has unit L2
-    norm, so ``G @ noise @ G'.T`` with standard normal ``noise`` is a smooth field of unit variance everywhere:
-    white noise smoothed by a gaussian, the elastic field of Simard et al. 2003. ``at``: evaluate the rows at
-    these pixel positions instead of ``0 .. size - 1`` (a coarse lattice, upsampled afterwards)."""
-    span = size - 1 + 6.0 * sigma
-    spacing = max(1.5 * sigma, span / (max_nodes - 1))
-    sigma = max(sigma, spacing / 1.5)
-    n = int(math.ceil(span / spacing)) + 1
-    nodes = (np.arange(n) - (n - 1) / 2.0) * spacing + (size - 1) / 2.0
-    positions = np.arange(size) if at is None else np.asarray(at, dtype=np.float64)
-    g = np.exp(-0.5 * ((positions[:, None] - nodes[None, :]) / sigma) ** 2)
-    g /= np.linalg.norm(g, axis=1, keepdims=True)
-    # bumps beyond ~6 sigma are zero, not float32 denormals: products of those run ~20x slower on x86 (a 0.2 ms
-    # matrix product per tile instead of 0.01 ms) and add nothing to the field
-    g[g < 1e-8] = 0.0
-    return g.astype(np.float32)
-
-
-def _linear_basis(size: int, steps: int) -> np.ndarray:
-    """``(size, steps + 1)`` linear interpolation from ``steps + 1`` control points on the tile's first and last
-    pixels and evenly in between (align-corners)."""
-    pos = np.arange(size) * (steps / max(size - 1, 1))
-    i0 = np.minimum(np.floor(pos).astype(int), steps - 1)
-    frac = pos - i0
-    m = np.zeros((size, steps + 1))
-    m[np.arange(size), i0] = 1.0 - frac
-    m[np.arange(size), i0 + 1] += frac
-    return m.astype(np.float32)
-
-
 def _expand(basis_y: np.ndarray, coarse, basis_x: np.ndarray):
     """``basis_y (H, n) @ coarse (B, n, m) @ basis_x (W, m).T`` -> ``(B, H, W)``."""
     return ops.einsum("yi,bij,xj->byx", ops.convert_to_tensor(basis_y), coarse, ops.convert_to_tensor(basis_x))
@@ -429,13 +319,13 @@ class RandomDeform(_RandomTileLayer):
         out = []
         gen = self.seed_generator
         if self.elastic_alpha > 0:
-            by, bx = _smooth_basis(h, self.elastic_sigma), _smooth_basis(w, self.elastic_sigma)
+            by, bx = smooth_basis(h, self.elastic_sigma), smooth_basis(w, self.elastic_sigma)
             shape = (batch, by.shape[1], bx.shape[1])
             std = self.elastic_alpha / ELASTIC_SIGMAS
             out.append(tuple(_expand(by, keras.random.normal(shape, seed=gen) * std, bx) for _ in range(2)))
         if self.grid_distort > 0:
             g = self.grid_steps + 1
-            ly, lx = _linear_basis(h, self.grid_steps), _linear_basis(w, self.grid_steps)
+            ly, lx = linear_basis(h, self.grid_steps), linear_basis(w, self.grid_steps)
             inner = np.zeros((g, g), np.float32)
             inner[1:-1, 1:-1] = 1.0  # border control points stay on the border
             fields = []

@@ -1,9 +1,9 @@
 """A figure of original and augmented tiles, so that a pathologist can judge whether augmented tiles still look
-like tissue (``python -m python_task augment-preview --shards DIR --out grid.png``).
+like tissue (the command line's ``augment-preview``).
 
 Each row is one tile, picked across classes and shards (seeded): the original, the stain-normalised tile when a
 normalisation is asked for, then ``columns`` augmented versions drawn by the implementation training uses
-(``--augment-on``).
+(``augment_on``).
 """
 
 from __future__ import annotations
@@ -13,11 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
-from python_task.transforms.augment_layers import AugmentOptions, build_augmenter, parse_augment
-from python_task.transforms.augment_cv import PipelineAugmenter, resolve_engine
-from python_task.errors import TaskError
+from python_task.data.dataset import TileFetcher, build_index
+from python_task.errors import ConfigError
 from python_task.fileio import atomic_path
-from python_task.training.loop import accelerator_present
+from python_task.runtime import accelerator_present
+from python_task.transforms.augment_cv import PipelineAugmenter
+from python_task.transforms.augment_layers import build_augmenter
+from python_task.transforms.augmentations import AugmentOptions, parse_augment, resolve_engine
+from python_task.transforms.stain import make_normalizer, reference_positions
 
 
 def pick_tiles(index, n: int, seed: int) -> np.ndarray:
@@ -51,21 +54,18 @@ def pick_tiles(index, n: int, seed: int) -> np.ndarray:
 
 
 def render_preview(shards_dir: str | os.PathLike[str], out_png: str | os.PathLike[str], *,
-                   augment: str = "flip,rot90,elastic,hed", stain: str = "none", n: int = 6, columns: int = 4,
-                   seed: int = 0, options: AugmentOptions = AugmentOptions(), engine: str = "auto") -> Path:
-    """Draw ``n`` rows (original [, normalised], ``columns`` augmented versions) to ``out_png`` (atomically).
+                   augment: str = "flip,rot90,elastic,hed", stain: str = "none", tiles: int = 6, columns: int = 4,
+                   seed: int = 0, options: AugmentOptions | None = None, engine: str = "auto") -> Path:
+    """Draw ``tiles`` rows (original [, normalised], ``columns`` augmented versions) to ``out_png`` (atomically).
 
-    ``engine``: the implementation that draws the augmentations, as ``train --augment-on`` (``auto`` resolves as
-    it does in ``train``)."""
-    from matplotlib.figure import Figure
+    ``engine``: the implementation that draws the augmentations, as train's ``augment_on`` (``auto`` resolves
+    as it does in training)."""
+    from matplotlib.figure import Figure  # only for the figure: keeps matplotlib out of every other import
 
-    from python_task.data.dataset import TileFetcher, build_index
-    from python_task.transforms.stain import make_normalizer
-
-    if n < 1:
-        raise TaskError("--tiles", f"must be at least 1, got {n}")
+    if tiles < 1:
+        raise ConfigError("tiles", f"must be at least 1, got {tiles}")
     if columns < 0:
-        raise TaskError("--columns", f"must be 0 or more, got {columns}")
+        raise ConfigError("columns", f"must be 0 or more, got {columns}")
     names = parse_augment(augment)
     normalizer = make_normalizer(stain)
     engine = resolve_engine(engine, accelerator_present())
@@ -80,20 +80,20 @@ def render_preview(shards_dir: str | os.PathLike[str], out_png: str | os.PathLik
     else:
         augmenter = build_augmenter(names, seed=seed, options=options)
     if augmenter is None and normalizer is None:
-        raise TaskError("--augment", "nothing to preview: no augmentation (and no stain normalisation) selected")
+        raise ConfigError("augment", "nothing to preview: no augmentation (and no stain normalisation) selected")
 
     index = build_index(shards_dir)
-    positions = pick_tiles(index, n, seed)
-    tiles = TileFetcher(index).fetch(positions)
-    panels: list[tuple[str, np.ndarray]] = [("original", tiles)]
+    positions = pick_tiles(index, tiles, seed)
+    shown = TileFetcher(index).fetch(positions)
+    panels: list[tuple[str, np.ndarray]] = [("original", shown)]
     passed = 0
     if normalizer is not None:
-        ref = TileFetcher(index).fetch(_reference_positions(index, seed))
+        ref = TileFetcher(index).fetch(reference_positions(len(index), seed))
         normalizer.fit(ref)
-        tiles, passed = normalizer.transform(tiles)
-        panels.append((f"{stain} normalised", tiles))
+        shown, passed = normalizer.transform(shown)
+        panels.append((f"{stain} normalised", shown))
     if augmenter is not None:
-        x = tiles.astype(np.float32)
+        x = shown.astype(np.float32)
         for k in range(columns):
             out = np.asarray(augmenter(x, training=True))
             panels.append((f"augmented {k + 1}", np.clip(np.rint(out), 0, 255).astype(np.uint8)))
@@ -124,8 +124,3 @@ def render_preview(shards_dir: str | os.PathLike[str], out_png: str | os.PathLik
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png")
     return out
-
-
-def _reference_positions(index, seed: int, n: int = 16) -> np.ndarray:
-    rng = np.random.default_rng(seed + 17)
-    return np.sort(rng.choice(len(index.labels), min(n, len(index.labels)), replace=False))

@@ -8,7 +8,8 @@ They are plain numpy (no backend), so they serve Keras on any backend.
 or nearly so (fewer than ``min_tissue`` = 5 % of its pixels with optical density above ``beta`` = 0.15 in every
 channel), whose stain estimate is degenerate (eigen-decomposition failing, non-finite or nearly parallel stain
 vectors, vanishing concentrations) or whose result is not finite is returned **unchanged** and counted. No tile
-ever raises and no NaN ever comes out. Fitting on a reference without tissue raises :class:`TaskError`.
+ever raises and no NaN ever comes out. Fitting on a reference without tissue raises
+:class:`~python_task.errors.TaskError`.
 
 Speed: the stain estimate of a tile uses a strided subsample of its pixels (about 8k), and the normalisation
 itself is one 3x3 linear map in optical density (Macenko: three 256-entry tables per tile, no per-pixel exp) or
@@ -28,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from python_task.errors import TaskError
+from python_task.errors import ConfigError, TaskError
 
 STAIN_METHODS = ("none", "macenko", "reinhard")
 
@@ -48,6 +49,8 @@ MIN_STAIN_ANGLE = math.radians(3.0)  # stain vectors closer than this are degene
 MIN_CONCENTRATION = 0.02  # a 99th-percentile stain concentration below this is degenerate (OD units)
 MIN_LAB_STD = 0.5  # Reinhard: a tile whose L*, a* or b* spread is below this is flat and passes through
 MAX_FIT_PIXELS = 1_000_000  # pixels used to fit a reference (seeded subsample beyond)
+REFERENCE_TILES = 16  # without a reference image, a normaliser is fitted on this many seeded training tiles
+_REFERENCE_SEED_OFFSET = 17  # their draw's seed is the run's seed plus this (a stream of its own)
 
 _OD_LUT = (-np.log((np.arange(256, dtype=np.float64) + 1.0) / 256.0)).astype(np.float32)
 
@@ -510,6 +513,13 @@ def _array(d: dict[str, Any], key: str, shape: tuple[int, ...]) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------------- factory
 
+def reference_positions(n_tiles: int, seed: int, n: int = REFERENCE_TILES) -> np.ndarray:
+    """Sorted positions of the ``n`` seeded tiles (of ``n_tiles``) a normaliser is fitted on without a reference
+    image: the same draw for training and for its preview."""
+    rng = np.random.default_rng(seed + _REFERENCE_SEED_OFFSET)
+    return np.sort(rng.choice(n_tiles, min(n, n_tiles), replace=False))
+
+
 def make_normalizer(method: str) -> Normalizer | None:
     """A new (unfitted) normaliser by name; ``'none'`` -> None."""
     name = str(method).strip().lower()
@@ -519,7 +529,7 @@ def make_normalizer(method: str) -> Normalizer | None:
         return MacenkoNormalizer()
     if name == "reinhard":
         return ReinhardNormalizer()
-    raise TaskError("--stain", f"unknown stain method {method!r}; choose from: {', '.join(STAIN_METHODS)}")
+    raise ConfigError("stain", f"unknown stain method {method!r}; choose from: {', '.join(STAIN_METHODS)}")
 
 
 def normalizer_from_dict(d: dict[str, Any]) -> Normalizer | None:

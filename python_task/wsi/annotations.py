@@ -28,7 +28,7 @@ from shapely import affinity
 from shapely.geometry import MultiPolygon, Point, Polygon, box
 from shapely.geometry.base import BaseGeometry
 
-from python_task.errors import TaskError
+from python_task.errors import AnnotationError
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class Region:
 
 
 class _Invalid(Exception):
-    """A malformed element inside a file; turned into a :class:`TaskError` naming the file."""
+    """A malformed element inside a file; turned into a :class:`AnnotationError` naming the file."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -73,7 +73,7 @@ class _Invalid(Exception):
 
 
 def detect_format(path: str | Path) -> str:
-    """Return ``'qupath'``, ``'asap'`` or ``'imagescope'`` from the file's content; TaskError otherwise."""
+    """Return ``'qupath'``, ``'asap'`` or ``'imagescope'`` from the file's content; AnnotationError otherwise."""
     return _load(Path(path))[0]
 
 
@@ -83,7 +83,7 @@ def read_annotations(path: str | Path, *, include_detections: bool = False) -> l
     QuPath detections (``objectType`` detection/cell/tile: machine output such as ``predict``'s tiles) are
     skipped unless ``include_detections``.
 
-    Raises :class:`TaskError` naming the file when it is missing, unreadable, of another format, malformed,
+    Raises :class:`AnnotationError` naming the file when it is missing, unreadable, of another format, malformed,
     or holds no polygonal annotation at all.
     """
     path = Path(path)
@@ -96,11 +96,11 @@ def read_annotations(path: str | Path, *, include_detections: bool = False) -> l
         else:
             shapes = _parse_imagescope(content)
     except _Invalid as exc:
-        raise TaskError(path, str(exc)) from None
+        raise AnnotationError(path, str(exc)) from None
     regions = [Region(index=i, class_name=cls, geometry=geom, source_format=fmt, name=name, color=color)
                for i, (cls, geom, name, color) in enumerate(shapes)]
     if not regions:
-        raise TaskError(path, f"no polygon annotation found in this {_FORMAT_NAMES[fmt]} file "
+        raise AnnotationError(path, f"no polygon annotation found in this {_FORMAT_NAMES[fmt]} file "
                               "(points, lines and zero-area shapes are ignored)")
     return regions
 
@@ -122,7 +122,7 @@ def clip_regions(regions: Sequence[Region], width: int, height: int,
     """Clip regions to the slide ``[0, width] x [0, height]``.
 
     Returns the regions that keep some area (indices unchanged) and one warning per region clipped or
-    dropped. Raises ``TaskError(path, ...)`` when every region lies outside the slide.
+    dropped. Raises ``AnnotationError(path, ...)`` when every region lies outside the slide.
     """
     bounds = box(0, 0, width, height)
     size = f"{width}x{height}"
@@ -139,8 +139,21 @@ def clip_regions(regions: Sequence[Region], width: int, height: int,
             warnings.append(f"{region.describe()} lies partly outside the slide ({size}): clipped")
             kept.append(dataclasses.replace(region, geometry=clipped))
     if regions and not kept:
-        raise TaskError(path, f"every region lies outside the slide ({size})")
+        raise AnnotationError(path, f"every region lies outside the slide ({size})")
     return kept, warnings
+
+
+def place_regions(regions: Sequence[Region], width: int, height: int, *, offset: tuple[float, float] = (0.0, 0.0),
+                  path: str | Path | None = None) -> list[Region]:
+    """The regions as they lie on a slide of ``width`` x ``height`` level-0 px: shifted by ``offset`` (annotations
+    drawn on a parent slide), then clipped to the slide, with a logged warning per region clipped or dropped.
+    Raises ``AnnotationError(path, ...)`` when every region lies outside the slide."""
+    if tuple(offset) != (0.0, 0.0):
+        regions = translate_regions(regions, *offset)
+    kept, warnings = clip_regions(regions, width, height, path=path)
+    for warning in warnings:
+        log.warning("%s: %s", path, warning)
+    return kept
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -155,7 +168,7 @@ def _load(path: Path) -> tuple[str, Any]:
     head = data[3:] if data.startswith(b"\xef\xbb\xbf") else data
     head = head.lstrip()
     if not head:
-        raise TaskError(path, "empty file")
+        raise AnnotationError(path, "empty file")
     first = head[:1]
     if first in (b"{", b"["):
         return "qupath", _load_geojson(path, data)
@@ -166,28 +179,28 @@ def _load(path: Path) -> tuple[str, Any]:
             return "asap", root
         if tag == "Annotations" and all(_local(child.tag) == "Annotation" for child in root):
             return "imagescope", root
-        raise TaskError(path, f"{_NOT_ANNOTATIONS} (XML root element <{tag}>)")
-    raise TaskError(path, f"{_NOT_ANNOTATIONS} (neither JSON nor XML)")
+        raise AnnotationError(path, f"{_NOT_ANNOTATIONS} (XML root element <{tag}>)")
+    raise AnnotationError(path, f"{_NOT_ANNOTATIONS} (neither JSON nor XML)")
 
 
 def _read_bytes(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise TaskError(path, "file not found") from None
+        raise AnnotationError(path, "file not found") from None
     except IsADirectoryError:
-        raise TaskError(path, "is a directory, not an annotation file") from None
+        raise AnnotationError(path, "is a directory, not an annotation file") from None
     except OSError as exc:
-        raise TaskError(path, f"cannot read: {exc.strerror or exc}") from None
+        raise AnnotationError(path, f"cannot read: {exc.strerror or exc}") from None
 
 
 def _load_geojson(path: Path, data: bytes) -> Any:
     try:
         doc = json.loads(data)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise TaskError(path, f"{_NOT_ANNOTATIONS} (invalid JSON: {exc})") from None
+        raise AnnotationError(path, f"{_NOT_ANNOTATIONS} (invalid JSON: {exc})") from None
     if not _looks_like_geojson(doc):
-        raise TaskError(path, f"{_NOT_ANNOTATIONS} (JSON without GeoJSON features)")
+        raise AnnotationError(path, f"{_NOT_ANNOTATIONS} (JSON without GeoJSON features)")
     return doc
 
 
@@ -204,7 +217,7 @@ def _load_xml(path: Path, data: bytes) -> ET.Element:
     try:
         return ET.fromstring(data)
     except ET.ParseError as exc:
-        raise TaskError(path, f"{_NOT_ANNOTATIONS} (malformed XML: {exc})") from None
+        raise AnnotationError(path, f"{_NOT_ANNOTATIONS} (malformed XML: {exc})") from None
 
 
 def _local(tag: Any) -> str:

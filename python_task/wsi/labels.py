@@ -20,13 +20,14 @@ from typing import Any
 
 import yaml
 
+from python_task.errors import AnnotationError
 from python_task.wsi.annotations import Region
-from python_task.errors import TaskError
 
 DEFAULT_LABELS: dict[str, list[str]] = {
     "benign": ["benign", "Biliary adenoma", "Bile duct hamartoma", "Bile duct adenoma"],
     "malignant": ["malignant", "Cholangiocarcinoma", "CCA", "Intrahepatic cholangiocarcinoma"],
 }
+DEFAULT_CLASSES = tuple(DEFAULT_LABELS)  # the target classes without a labels file: benign, malignant
 IGNORE_KEY = "ignore"
 NO_CLASS = "<none>"
 _MAX_LISTED = 20
@@ -70,25 +71,25 @@ class LabelledRegion:
 
 def build_label_map(targets: Mapping[str, Sequence[str] | str | None], ignore: Sequence[str] | str = (),
                     path: str | Path | None = None) -> LabelMap:
-    """Check and build a :class:`LabelMap` from ``{target: [class names]}``; TaskError(path, ...) when wrong."""
+    """Check and build a :class:`LabelMap` from ``{target: [class names]}``; AnnotationError(path, ...) when wrong."""
     if len(targets) < 2:
         found = ", ".join(repr(t) for t in targets) or "none"
-        raise TaskError(path, f"needs at least 2 target classes, found {len(targets)}: {found}")
+        raise AnnotationError(path, f"needs at least 2 target classes, found {len(targets)}: {found}")
     aliases: dict[str, str] = {}
     for target, names in targets.items():
         target = _name(target, path, "target class")
         for name in [target, *_names(names, path, target)]:
             key = normalize(name)
             if not key:
-                raise TaskError(path, f"an empty class name is listed under {target!r}")
+                raise AnnotationError(path, f"an empty class name is listed under {target!r}")
             other = aliases.setdefault(key, target)
             if other != target:
-                raise TaskError(path, f"class name {name!r} is listed under both {other!r} and {target!r}")
+                raise AnnotationError(path, f"class name {name!r} is listed under both {other!r} and {target!r}")
     ignored = set()
     for name in _names(ignore, path, IGNORE_KEY):
         key = normalize(name)
         if key in aliases:
-            raise TaskError(path, f"class name {name!r} is both ignored and mapped to {aliases[key]!r}")
+            raise AnnotationError(path, f"class name {name!r} is both ignored and mapped to {aliases[key]!r}")
         ignored.add(key)
     label_names = tuple(_name(t, path, "target class") for t in targets)
     return LabelMap(label_names=label_names, aliases=aliases, ignored=frozenset(ignored))
@@ -102,21 +103,21 @@ def load_label_map(path: str | Path | None) -> LabelMap:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise TaskError(path, "file not found") from None
+        raise AnnotationError(path, "file not found") from None
     except UnicodeDecodeError:
-        raise TaskError(path, "not a labels YAML file (not UTF-8 text)") from None
+        raise AnnotationError(path, "not a labels YAML file (not UTF-8 text)") from None
     except OSError as exc:
-        raise TaskError(path, f"cannot read: {exc.strerror or exc}") from None
+        raise AnnotationError(path, f"cannot read: {exc.strerror or exc}") from None
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or "syntax error"
-        raise TaskError(path, f"not valid YAML: {problem}{where}") from None
+        raise AnnotationError(path, f"not valid YAML: {problem}{where}") from None
     if not isinstance(doc, dict):
         kind = "empty" if doc is None else type(doc).__name__
-        raise TaskError(path, f"a labels file maps target classes to lists of annotation class names; "
+        raise AnnotationError(path, f"a labels file maps target classes to lists of annotation class names; "
                               f"this one is {kind} (e.g. 'malignant: [Cholangiocarcinoma, CCA]')")
     ignore: Any = ()
     targets: dict[str, Any] = {}
@@ -135,7 +136,7 @@ def label_regions(regions: Sequence[Region], label_map: LabelMap, *, ignore_unkn
     Returns the labelled regions and a count of the regions skipped: ``"ignored"`` for names in the labels
     file's ignore list, and one entry per unknown class name (``"<none>"`` for regions without a class) when
     ``ignore_unknown``; only non-zero counts appear. Without ``ignore_unknown`` any unknown name raises
-    ``TaskError(path, ...)`` listing them all.
+    ``AnnotationError(path, ...)`` listing them all.
     """
     labelled: list[LabelledRegion] = []
     skipped: dict[str, int] = {}
@@ -155,8 +156,8 @@ def label_regions(regions: Sequence[Region], label_map: LabelMap, *, ignore_unkn
         listed = ", ".join(f"'{n}'" for n in names[:_MAX_LISTED])
         if len(names) > _MAX_LISTED:
             listed += f" and {len(names) - _MAX_LISTED} more"
-        raise TaskError(path, f"unknown class names: {listed} "
-                              "(not in the labels file; use --ignore-unknown to skip them)")
+        raise AnnotationError(path, f"unknown class names: {listed} "
+                              "(not in the labels file; use `ignore_unknown` to skip them)")
     for name, count in unknown.items():
         skipped[name] = skipped.get(name, 0) + count
     return labelled, skipped
@@ -169,7 +170,7 @@ def _name(value: Any, path: str | Path | None, what: str) -> str:
         return value.strip()
     if isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
-    raise TaskError(path, f"{what} {value!r} is not a name (quote it in the YAML file)")
+    raise AnnotationError(path, f"{what} {value!r} is not a name (quote it in the YAML file)")
 
 
 def _names(value: Any, path: str | Path | None, target: str) -> list[str]:
@@ -179,5 +180,5 @@ def _names(value: Any, path: str | Path | None, target: str) -> list[str]:
         return [_name(value, path, f"a class name under {target!r},")]
     if isinstance(value, list | tuple):
         return [_name(v, path, f"a class name under {target!r},") for v in value]
-    raise TaskError(path, f"the class names under {target!r} must be a list of names, "
+    raise AnnotationError(path, f"the class names under {target!r} must be a list of names, "
                           f"not {type(value).__name__}")

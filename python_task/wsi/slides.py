@@ -33,12 +33,12 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from python_task.errors import TaskError
+from python_task.errors import ConfigError, SlideError
 
 log = logging.getLogger(__name__)
 
-READERS = ("auto", "tiff", "openslide")
-NO_MPP_CAUSE = "no µm/px (openslide.mpp-x) in the slide metadata; give it with --slide-mpp"
+READERS = ("auto", "tiff", "openslide")  # the first is the default
+NO_MPP_CAUSE = "no µm/px (openslide.mpp-x) in the slide metadata; give it with `slide_mpp`"
 DEFAULT_CACHE_BYTES = 64 << 20
 # OpenSlide vendors whose levels are plain, non-overlapping tile grids of one TIFF page each; others (Ventana,
 # Leica, Trestle, NDPI, ...) stitch, offset or crop tiles, so a 1:1 page mapping would misplace pixels.
@@ -90,7 +90,7 @@ class _OpenSlideBackend:
             try:
                 self._osr = openslide.OpenSlide(str(self.path))
             except (openslide.OpenSlideError, OSError) as exc:
-                raise TaskError(self.path, f"openslide cannot reopen it ({type(exc).__name__}: {exc})") from exc
+                raise SlideError(self.path, f"openslide cannot reopen it ({type(exc).__name__}: {exc})") from exc
             self._pid = os.getpid()
         return self._osr
 
@@ -105,7 +105,7 @@ class _OpenSlideBackend:
         try:
             image = self._handle().read_region((x0, y0), level, (width, height))
         except openslide.OpenSlideError as exc:
-            raise TaskError(self.path, f"cannot read pixels, the file may be truncated or corrupt "
+            raise SlideError(self.path, f"cannot read pixels, the file may be truncated or corrupt "
                                        f"(OpenSlideError: {exc})") from exc
         rgb = _rgba_to_rgb(np.asarray(image))
         if out is None:
@@ -238,7 +238,7 @@ class _TiffBackend:
             try:
                 self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
             except OSError as exc:
-                raise TaskError(self.path, f"cannot open it ({exc.strerror or exc})") from exc
+                raise SlideError(self.path, f"cannot open it ({exc.strerror or exc})") from exc
             self._pid = os.getpid()
             self._reset_cache()
         return self._fd
@@ -275,9 +275,9 @@ class _TiffBackend:
         try:
             data = os.pread(fd, count, offset)
         except OSError as exc:
-            raise TaskError(self.path, f"cannot read tile {index} of level {level} ({exc.strerror or exc})") from exc
+            raise SlideError(self.path, f"cannot read tile {index} of level {level} ({exc.strerror or exc})") from exc
         if len(data) != count:
-            raise TaskError(self.path, f"truncated: tile {index} of level {level} needs bytes {offset}-"
+            raise SlideError(self.path, f"truncated: tile {index} of level {level} needs bytes {offset}-"
                                        f"{offset + count} but the file ends at {os.fstat(fd).st_size}")
         try:
             imagecodecs.jpeg8_decode(data, tables=spec.jpegtables, colorspace=spec.colorspace, outcolorspace=2,
@@ -289,10 +289,10 @@ class _TiffBackend:
             tile = imagecodecs.jpeg8_decode(data, tables=spec.jpegtables, colorspace=spec.colorspace,
                                             outcolorspace=2)
         except Exception as exc:
-            raise TaskError(self.path, f"corrupt JPEG tile {index} of level {level} "
+            raise SlideError(self.path, f"corrupt JPEG tile {index} of level {level} "
                                        f"({type(exc).__name__}: {exc})") from exc
         if tile.ndim != 3 or tile.shape[2] != 3:
-            raise TaskError(self.path, f"tile {index} of level {level} decodes to shape {tile.shape}, not RGB")
+            raise SlideError(self.path, f"tile {index} of level {level} decodes to shape {tile.shape}, not RGB")
         # A JPEG stream smaller than its grid cell (some writers crop edge tiles): the rest of the cell is white.
         target.fill(255)
         h, w = min(tile.shape[0], target.shape[0]), min(tile.shape[1], target.shape[1])
@@ -490,25 +490,27 @@ def open_slide(path: str | os.PathLike[str], *, mpp: float | None = None, reader
 
     path = Path(path)
     if reader not in READERS:
-        raise TaskError(path, f"unknown slide reader {reader!r}; choose one of {', '.join(READERS)}")
+        raise ConfigError("reader", f"unknown slide reader {reader!r}; choose one of {', '.join(READERS)}",
+                          path=path)
     if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
-        raise TaskError(path, f"the µm/px given for it (--slide-mpp) must be a positive number, not {mpp}")
+        raise ConfigError("slide_mpp", f"the µm/px given for it (`slide_mpp`) must be a positive number, not {mpp}",
+                          path=path)
     if not path.exists():
-        raise TaskError(path, "file not found")
+        raise SlideError(path, "file not found")
     if not path.is_file():
-        raise TaskError(path, "not a file")
+        raise SlideError(path, "not a file")
     try:
         is_tiff = _is_tiff(path)
     except OSError as exc:
-        raise TaskError(path, f"cannot read it ({exc.strerror or exc})") from exc
+        raise SlideError(path, f"cannot read it ({exc.strerror or exc})") from exc
     try:
         osr = openslide.OpenSlide(str(path))
     except openslide.OpenSlideUnsupportedFormatError as exc:
         damage = _tiff_damage(path) if is_tiff else None
         extra = f"; {damage}" if damage else ""
-        raise TaskError(path, f"not a slide openslide can read (OpenSlideUnsupportedFormatError){extra}") from exc
+        raise SlideError(path, f"not a slide openslide can read (OpenSlideUnsupportedFormatError){extra}") from exc
     except (openslide.OpenSlideError, OSError) as exc:
-        raise TaskError(path, f"openslide cannot open it ({type(exc).__name__}: {exc})") from exc
+        raise SlideError(path, f"openslide cannot open it ({type(exc).__name__}: {exc})") from exc
     try:
         properties = dict(osr.properties)
         level_dimensions = tuple((int(w), int(h)) for w, h in osr.level_dimensions)
@@ -518,14 +520,14 @@ def open_slide(path: str | os.PathLike[str], *, mpp: float | None = None, reader
     if mpp is None:
         mpp = _parse_mpp(properties)
         if mpp is None:
-            raise TaskError(path, NO_MPP_CAUSE)
+            raise SlideError(path, NO_MPP_CAUSE)
         mpp_source = "metadata"
     else:
         mpp_source = "user"
     if is_tiff:
         damage = _tiff_damage(path)
         if damage:
-            raise TaskError(path, damage)
+            raise SlideError(path, damage)
     backend = _choose_backend(path, reader, is_tiff, properties, level_dimensions, level_downsamples, cache_bytes)
     return Slide(path, mpp=float(mpp), level_dimensions=level_dimensions, level_downsamples=level_downsamples,
                  properties=properties, backend=backend, mpp_source=mpp_source)
@@ -554,7 +556,7 @@ def _choose_backend(path: Path, reader: str, is_tiff: bool, properties: dict[str
     if levels is not None:
         return _TiffBackend(path, levels, cache_bytes)
     if reader == "tiff":
-        raise TaskError(path, f"the fast TIFF reader cannot read it: {why}")
+        raise SlideError(path, f"the fast TIFF reader cannot read it: {why}")
     log.debug("%s: using openslide (%s)", path, why)
     return _OpenSlideBackend(path, level_downsamples)
 
@@ -571,7 +573,7 @@ def level_for_mpp(slide: Slide, target_mpp: float, tolerance: float = 0.02) -> t
     warning.
     """
     if not (math.isfinite(target_mpp) and target_mpp > 0):
-        raise TaskError("--mpp", f"the target µm/px must be a positive number, not {target_mpp}")
+        raise ConfigError("mpp", f"the target µm/px must be a positive number, not {target_mpp}")
     target_ds = target_mpp / slide.mpp
     level = 0
     for index, ds in enumerate(slide.level_downsamples):
@@ -623,7 +625,7 @@ class TileReader:
 
     def __init__(self, slide: Slide, target_mpp: float, tile_size: int, tolerance: float = 0.02) -> None:
         if tile_size <= 0:
-            raise TaskError("--tile-size", f"must be a positive number of pixels, not {tile_size}")
+            raise ConfigError("tile_size", f"must be a positive number of pixels, not {tile_size}")
         self.slide = slide
         self.target_mpp = target_mpp
         self.tile_size = int(tile_size)

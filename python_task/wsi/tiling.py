@@ -1,8 +1,10 @@
-"""The tile grid: which tiles of a slide to cut, with their label, region, coverage and tissue fraction.
+"""The tile grid: which tiles of a slide to cut or to score, with their label, region, coverage and tissue.
 
 The grid is anchored at the slide origin (tile ``(i, j)`` starts at level-0 ``(i·step, j·step)``), so tiles of
-different regions, and the tiles ``predict`` later scores, all fall on one lattice. Geometry is vectorised with
-shapely 2: a tile's coverage is the area of its intersection with the union of the regions of its class.
+different regions, and the tiles ``predict`` later scores, all fall on one lattice. Two planners share it:
+:func:`plan_tiles` (``extract``: labelled tiles of annotated regions; a tile's coverage is the area of its
+intersection with the union of the regions of its class) and :func:`plan_grid` (``predict``: every tissue tile,
+or those inside the regions, with its cell in the probability grid). Geometry is vectorised with shapely 2.
 """
 
 from __future__ import annotations
@@ -11,16 +13,15 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import shapely
 from shapely.geometry.base import BaseGeometry
 
+from python_task.wsi.annotations import Region
 from python_task.wsi.labels import LabelledRegion
-
-if TYPE_CHECKING:
-    from python_task.wsi.tissue import TissueMask
+from python_task.wsi.slides import TileReader
+from python_task.wsi.tissue import TISSUE_MPP, TissueMask, detect_tissue
 
 # Overlap below this fraction of a tile's area counts as touching, not overlapping (shared polygon edges).
 OVERLAP_EPS = 1e-6
@@ -51,6 +52,13 @@ class GridSpec:
 
     def full_grid(self) -> tuple[np.ndarray, np.ndarray]:
         return self.cells_in_bounds(0, 0, self.width, self.height)
+
+    @classmethod
+    def for_reader(cls, reader: TileReader, stride: int | None = None) -> GridSpec:
+        """The grid of ``reader``'s tiles over its slide, ``stride`` output px apart (default: the tile size)."""
+        width, height = reader.slide.dimensions
+        return cls(extent=reader.tile_extent0, step=(stride or reader.tile_size) * reader.downsample, width=width,
+                   height=height)
 
 
 @dataclass
@@ -166,3 +174,43 @@ def describe_drops(plan: TilePlan) -> str:
     """``"12 background, 3 overlap"`` for a summary line (zero counts left out)."""
     parts = [f"{n} {why}" for why, n in sorted(plan.dropped.items(), key=lambda kv: -kv[1]) if n]
     return ", ".join(parts) if parts else "none"
+
+
+@dataclass
+class GridPlan:
+    """Tiles to score: level-0 corners, grid cells, and (with regions) the region each one belongs to."""
+
+    coords: np.ndarray  # (N, 2) int64
+    cells: np.ndarray  # (N, 2) int64: column, row in the probability grid
+    region: np.ndarray  # (N,) int32, -1 without regions
+    tissue: np.ndarray  # (N,) float32
+    grid_shape: tuple[int, int]  # rows, columns
+    step: float
+    extent: float
+
+
+def plan_grid(reader: TileReader, *, regions: Sequence[Region] | None, min_tissue: float,
+              min_coverage: float, stride: int | None = None, tissue_mpp: float = TISSUE_MPP) -> GridPlan:
+    """Every tissue tile of the grid of ``reader``'s tiles over its slide, or only those that one of ``regions``
+    covers at least ``min_coverage`` of (each tile then belongs to the region covering most of it)."""
+    grid = GridSpec.for_reader(reader, stride)
+    xs, ys = grid.full_grid()
+    tissue = detect_tissue(reader.slide, target_mpp=tissue_mpp)
+    frac = tissue.fractions(xs.astype(np.float64), ys.astype(np.float64), grid.extent)
+    keep = frac >= min_tissue
+    region = np.full(len(xs), -1, np.int32)
+    if regions:
+        boxes = tile_boxes(xs, ys, grid.extent)
+        best = np.zeros(len(xs))
+        for r in regions:
+            cov = coverage_of(boxes, r.geometry, grid.extent**2)
+            better = cov > best
+            region[better], best[better] = r.index, cov[better]
+        keep &= best >= min_coverage
+    cols = np.round(xs / grid.step).astype(np.int64)
+    rows = np.round(ys / grid.step).astype(np.int64)
+    n_cols = int(cols.max()) + 1 if len(cols) else 0
+    n_rows = int(rows.max()) + 1 if len(rows) else 0
+    return GridPlan(coords=np.stack([xs, ys], 1)[keep], cells=np.stack([cols, rows], 1)[keep], region=region[keep],
+                    tissue=frac[keep].astype(np.float32), grid_shape=(n_rows, n_cols), step=grid.step,
+                    extent=grid.extent)

@@ -16,14 +16,15 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import ndimage
 
-from python_task.errors import TaskError
+from python_task.errors import ConfigError
 from python_task.wsi.slides import Slide, read_downsampled
 
 log = logging.getLogger(__name__)
 
 METHODS = ("otsu", "fixed")
+TISSUE_MPP = 8.0        # µm per mask pixel: the resolution tissue is detected at (extract's and predict's default)
+MIN_SATURATION = 0.05   # the Otsu threshold on saturation is never below this (a blank slide stays empty)
 MIN_VALUE = 0.15        # HSV value below this is near-black: pen, dust, not tissue
 MAX_HOLE_PX = 64        # holes in the mask smaller than this (mask px) are filled
 
@@ -131,6 +132,8 @@ def _clean(mask: np.ndarray, max_hole: int) -> np.ndarray:
     """Remove specks (opening), bridge one-pixel gaps (closing), fill holes smaller than ``max_hole`` px."""
     if mask.size == 0 or not mask.any():
         return mask
+    from scipy import ndimage  # on first use: reading this module's settings (the command line does) stays cheap
+
     structure = np.ones((3, 3), dtype=bool)
     mask = ndimage.binary_opening(mask, structure=structure)
     # Pad before closing so the erosion step does not eat tissue touching the image border.
@@ -146,7 +149,7 @@ def _clean(mask: np.ndarray, max_hole: int) -> np.ndarray:
     return mask
 
 
-def tissue_mask_from_rgb(rgb: np.ndarray, min_saturation: float = 0.05, *, method: str = "otsu",
+def tissue_mask_from_rgb(rgb: np.ndarray, min_saturation: float = MIN_SATURATION, *, method: str = "otsu",
                          max_hole: int = MAX_HOLE_PX) -> tuple[np.ndarray, float]:
     """(mask, threshold) of an RGB uint8 image: saturated, not near-black pixels, lightly cleaned up.
 
@@ -154,7 +157,7 @@ def tissue_mask_from_rgb(rgb: np.ndarray, min_saturation: float = 0.05, *, metho
     ``min_saturation`` itself. Pure-white pixels (padding outside the slide) take no part in the Otsu histogram.
     """
     if method not in METHODS:
-        raise TaskError("--tissue-method", f"unknown tissue method {method!r}; choose one of {', '.join(METHODS)}")
+        raise ConfigError("tissue_method", f"unknown tissue method {method!r}; choose one of {', '.join(METHODS)}")
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[2] < 3:
         raise ValueError(f"expected an RGB image (h, w, 3), got shape {rgb.shape}")
@@ -173,7 +176,7 @@ def tissue_mask_from_rgb(rgb: np.ndarray, min_saturation: float = 0.05, *, metho
     return _clean(mask, max_hole), threshold
 
 
-def detect_tissue(slide: Slide, *, target_mpp: float = 8.0, min_saturation: float = 0.05,
+def detect_tissue(slide: Slide, *, target_mpp: float = TISSUE_MPP, min_saturation: float = MIN_SATURATION,
                   method: str = "otsu") -> TissueMask:
     """Tissue mask of a whole slide at about ``target_mpp`` µm/px (never finer than level 0).
 
@@ -181,7 +184,7 @@ def detect_tissue(slide: Slide, *, target_mpp: float = 8.0, min_saturation: floa
     level, area-averaged in blocks, so even a large single-level slide needs little memory.
     """
     if not target_mpp > 0:
-        raise TaskError("--tissue-mpp", f"must be a positive number, not {target_mpp}")
+        raise ConfigError("tissue_mpp", f"must be a positive number, not {target_mpp}")
     rgb, downsample = read_downsampled(slide, target_mpp / slide.mpp)
     mask, threshold = tissue_mask_from_rgb(rgb, min_saturation, method=method)
     result = TissueMask(mask=mask, downsample=downsample, threshold=threshold)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from python_task.data.dataset import ShardBatches, build_index, epoch_order, iterate_batches
+from python_task.data.dataset import ShardBatches, build_index, iterate_batches
+from python_task.data.sampling import epoch_order
 from python_task.errors import TaskError
 from python_task.shards.format import ShardWriter
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from python_task.data.splits import FoldAssignment, load_fold, make_splits, read_splits, write_splits
 from python_task.errors import TaskError
-from python_task.data.splits import (FoldAssignment, load_fold, make_splits, manifest_digest, read_manifest,
-                                read_splits, write_splits)
+from python_task.shards.manifest import manifest_digest, read_manifest
 
 COLUMNS = ["slide_id", "patient_id", "diagnosis", "shard", "n_tiles", "n_benign", "n_malignant", "codec",
            "tile_size", "mpp"]

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from python_task.errors import TaskError
-from python_task.experiments.sweep import METRICS, expand_points, load_plan, point_id, run_sweep, train_command
+from python_task.experiments.sweep import expand_points, load_plan, point_id, run_sweep, train_command
+from python_task.training.metrics import CONTRACT_METRICS
 
 
 def _plan(tmp_path, shards, splits, **extra) -> object:
@@ -74,7 +75,7 @@ def test_runs_points_records_failures_and_resumes(tmp_path, synth_shards, splits
     with open(out / "results.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 3
-    assert set(METRICS) <= set(rows[0]) and {"arch", "fold", "status", "epochs"} <= set(rows[0])
+    assert set(CONTRACT_METRICS) <= set(rows[0]) and {"arch", "fold", "status", "epochs"} <= set(rows[0])
     by_fold = {r["fold"]: r for r in rows}
     assert by_fold["0"]["status"] == by_fold["1"]["status"] == "ok"
     assert by_fold["7"]["status"] == "failed" and "fold" in by_fold["7"]["error"]

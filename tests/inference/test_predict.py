@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from python_task.wsi.annotations import read_annotations
 from python_task.errors import TaskError
-from python_task.shards.extract import read_cohort
 from python_task.inference.predict import PROBABILITY_KEY, predict_slide
+from python_task.wsi.annotations import read_annotations
+from python_task.wsi.cohort import read_cohort
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +34,7 @@ def predicted(trained_model, val_jobs, tmp_path_factory):
 
 
 def test_outputs_exist_and_describe_the_slide(predicted):
-    for job, summary, out in predicted.values():
+    for _job, summary, out in predicted.values():
         for name in ("heatmap.png", "probabilities.npy", "tiles.geojson", "slide.json"):
             assert (out / name).stat().st_size > 0, name
         saved = json.loads((out / "slide.json").read_text())

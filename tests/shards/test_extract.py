@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 
 from python_task.errors import TaskError
-from python_task.shards.extract import ExtractParams, SlideJob, extract_cohort, extract_slide, read_cohort
+from python_task.shards.extract import extract_cohort, extract_slide
 from python_task.shards.format import ShardReader, read_shard_info
+from python_task.shards.params import ExtractParams
+from python_task.wsi.cohort import SlideJob, read_cohort
 from python_task.wsi.slides import TileReader, open_slide
 
 CLI = [sys.executable, "-m", "python_task"]

@@ -11,8 +11,16 @@ import numpy as np
 import pytest
 
 from python_task.errors import TaskError
-from python_task.shards.format import (ShardReader, ShardWriter, decode_jpeg, encode_jpeg, list_shards, read_encoded_rows,
-                                read_shard_info, write_manifest)
+from python_task.shards.format import (
+    ShardReader,
+    ShardWriter,
+    decode_jpeg,
+    encode_jpeg,
+    list_shards,
+    read_encoded_rows,
+    read_shard_info,
+)
+from python_task.shards.manifest import write_manifest
 
 
 def _tiles(n: int, t: int = 32, seed: int = 0) -> np.ndarray:

@@ -21,9 +21,11 @@ from sklearn.model_selection import GroupKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from python_task.synth import render as synth
 from python_task.errors import TaskError
-from python_task.synth.render import SynthConfig, generate_cohort
+from python_task.synth import config, render, tiff
+from python_task.synth.cohort import generate_cohort
+from python_task.synth.config import SynthConfig
+from tests.conftest import cli_line
 
 SMALL = SynthConfig(patients=4, seed=3, slide_size=1024, mpp=0.5, stain_variation=1.0)
 
@@ -85,7 +87,7 @@ def test_slides_open_in_openslide_with_mpp_and_pyramid(cohort: Path) -> None:
 
 
 def test_annotations_are_qupath_polygons_inside_the_slide(cohort: Path) -> None:
-    known = {synth.MALIGNANT_CLASS, *synth.BENIGN_CLASSES}
+    known = {config.MALIGNANT_CLASS, *config.BENIGN_CLASSES}
     for row in _rows(cohort):
         doc = json.loads((cohort.parent / row["annotation_path"]).read_text(encoding="utf-8"))
         assert doc["type"] == "FeatureCollection"
@@ -108,9 +110,9 @@ def test_annotations_are_qupath_polygons_inside_the_slide(cohort: Path) -> None:
         polygons = [shape(f["geometry"]) for f in doc["features"]]
         assert sum(a.intersection(b).area for i, a in enumerate(polygons) for b in polygons[i + 1:]) == 0
         if row["diagnosis"] == "malignant":
-            assert synth.MALIGNANT_CLASS in classes
+            assert config.MALIGNANT_CLASS in classes
         else:
-            assert set(classes) <= set(synth.BENIGN_CLASSES)
+            assert set(classes) <= set(config.BENIGN_CLASSES)
 
 
 def test_same_seed_same_cohort(cohort: Path, tmp_path: Path) -> None:
@@ -123,17 +125,17 @@ def test_same_seed_same_cohort(cohort: Path, tmp_path: Path) -> None:
                 openslide.OpenSlide(again.parent / row["slide_path"]) as b:
             assert np.array_equal(np.asarray(a.read_region((0, 0), 0, a.dimensions)),
                                   np.asarray(b.read_region((0, 0), 0, b.dimensions)))
-    other = synth.plan_cohort(SynthConfig(patients=4, seed=4, slide_size=1024))
-    rgb_other, _ = synth.render_spec(other[0])
-    rgb_same, _ = synth.render_spec(synth.plan_cohort(SMALL)[0])
+    other = config.plan_cohort(SynthConfig(patients=4, seed=4, slide_size=1024))
+    rgb_other, _ = render.render_spec(other[0])
+    rgb_same, _ = render.render_spec(config.plan_cohort(SMALL)[0])
     assert not np.array_equal(rgb_other, rgb_same)
 
 
 def test_plan_is_balanced_and_deterministic() -> None:
     for seed in range(5):
         cfg = SynthConfig(patients=7, seed=seed)
-        plan = synth.plan_cohort(cfg)
-        assert plan == synth.plan_cohort(cfg)
+        plan = config.plan_cohort(cfg)
+        assert plan == config.plan_cohort(cfg)
         diagnoses = {s.patient_id: s.diagnosis for s in plan}
         assert sorted(diagnoses.values()).count("benign") in (3, 4)
         counts = [sum(s.patient_id == p for s in plan) for p in diagnoses]
@@ -143,17 +145,19 @@ def test_plan_is_balanced_and_deterministic() -> None:
 def test_default_slide_layout_gives_over_a_hundred_tiles() -> None:
     """A 4096-px slide: at least 100 grid tiles of 256 px lie mostly (>= 50 %) inside an annotated region."""
     for diagnosis, seed in (("benign", 0), ("malignant", 1), ("malignant", 2)):
-        _, styles = synth.layout_slide(np.random.default_rng(seed), 4096, diagnosis)
+        _, styles = render.layout_slide(np.random.default_rng(seed), 4096, diagnosis)
         regions = shapely.union_all([s.polygon for s in styles])
         tiles = [box(x, y, x + 256, y + 256) for y in range(0, 4096, 256) for x in range(0, 4096, 256)]
         assert sum(regions.intersection(t).area >= 0.5 * 256**2 for t in tiles) >= 100
 
 
 def test_bad_options_raise_task_error(tmp_path: Path) -> None:
-    with pytest.raises(TaskError, match="--patients"):
+    with pytest.raises(TaskError, match="patients") as err:
         generate_cohort(tmp_path, SynthConfig(patients=0))
-    with pytest.raises(TaskError, match="--mpp"):
+    assert err.value.setting == "patients" and cli_line(err.value) == "error: --patients: must be at least 1"
+    with pytest.raises(TaskError, match="mpp") as err:
         generate_cohort(tmp_path, SynthConfig(mpp=-1))
+    assert cli_line(err.value).startswith("error: --mpp: ")
     assert not (tmp_path / "cohort.csv").exists()
 
 
@@ -187,7 +191,7 @@ def test_write_pyramidal_tiff_streams_tiles_and_round_trips(tmp_path: Path) -> N
         return _pattern(x, y, w, h)
 
     path = tmp_path / "pattern.tiff"
-    synth.write_pyramidal_tiff(path, width, height, read_block, 0.25, tile_size=256, quality=90)
+    tiff.write_pyramidal_tiff(path, width, height, read_block, 0.25, tile_size=256, quality=90)
     assert all(w <= 256 and h <= 256 and x % 256 == 0 and y % 256 == 0 for x, y, w, h in calls)
     assert len(calls) == 4 * 3 and len(set(calls)) == len(calls), "each tile read once"
     assert sum(w * h for _, _, w, h in calls) == width * height
@@ -214,7 +218,7 @@ def test_write_pyramidal_tiff_memory_stays_well_below_level_zero(tmp_path: Path)
 
     tracemalloc.start()
     try:
-        synth.write_pyramidal_tiff(tmp_path / "big.tiff", side, side, read_block, 0.5)
+        tiff.write_pyramidal_tiff(tmp_path / "big.tiff", side, side, read_block, 0.5)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -228,7 +232,7 @@ def test_write_mirrored_copy_has_no_seams(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     source = ndimage.gaussian_filter(rng.uniform(0, 255, (150, 200, 3)), (4, 4, 0)).astype(np.uint8)
     path = tmp_path / "mirror.tiff"
-    synth.write_mirrored_copy(path, source, 700, 450, 0.5)
+    tiff.write_mirrored_copy(path, source, 700, 450, 0.5)
     expected = np.pad(source, ((0, 450 - 150), (0, 700 - 200), (0, 0)), mode="symmetric")
     with openslide.OpenSlide(path) as slide:
         assert slide.dimensions == (700, 450)
@@ -303,12 +307,12 @@ def tile_set() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     24 patients, one 1536-px slide each (many patients keep the patient-grouped estimate stable)."""
     cfg = SynthConfig(patients=24, seed=0, slide_size=1536, stain_variation=2.0, max_slides_per_patient=1)
     colour, structure, labels, groups = [], [], [], []
-    for spec in synth.plan_cohort(cfg):
-        rgb, regions = synth.render_spec(spec)
+    for spec in config.plan_cohort(cfg):
+        rgb, regions = render.render_spec(spec)
         for class_name, tile in _region_tiles(rgb, regions):
             colour.append(_colour_features(tile))
             structure.append(_structure_features(tile))
-            labels.append(class_name == synth.MALIGNANT_CLASS)
+            labels.append(class_name == config.MALIGNANT_CLASS)
             groups.append(spec.patient_id)
     return np.array(colour), np.array(structure), np.array(labels), np.array(groups)
 

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from python_task.errors import TaskError
-from python_task.experiments.sweep import METRICS
-from python_task.training.loop import TrainConfig, train
+from python_task.training.config import TrainConfig
+from python_task.training.loop import train
+from python_task.training.metrics import CONTRACT_METRICS
 
 
 def _cfg(data, out, **kw) -> TrainConfig:
@@ -31,7 +32,7 @@ def test_outputs_follow_the_contract(learn_data, tmp_path):
     for name in ("metrics.json", "model.keras", "history.csv", "config.json", "predictions.csv"):
         assert (out / name).exists(), name
     saved = json.loads((out / "metrics.json").read_text())
-    assert set(METRICS) <= set(saved) and saved == metrics
+    assert set(CONTRACT_METRICS) <= set(saved) and saved == metrics
     assert all(isinstance(v, float) for v in saved.values())
     assert saved["n_val_tiles"] == 96 and saved["n_train_tiles"] == 96 and saved["epochs_run"] == 1
     config = json.loads((out / "config.json").read_text())
@@ -54,7 +55,7 @@ def test_simple_cnn_learns_the_synthetic_classes(learn_data, tmp_path):
 def test_fixed_seed_gives_the_same_metrics_twice(learn_data, tmp_path):
     a = train(_cfg(learn_data, tmp_path / "a", epochs=2))
     b = train(_cfg(learn_data, tmp_path / "b", epochs=2))
-    for key in METRICS:
+    for key in CONTRACT_METRICS:
         if key != "train_seconds":
             assert a[key] == b[key] or (math.isnan(a[key]) and math.isnan(b[key])), key
 

@@ -12,15 +12,9 @@ import pytest
 keras = pytest.importorskip("keras")
 
 from python_task.errors import TaskError  # noqa: E402
-from python_task.training.models import (  # noqa: E402
-    ARCHITECTURES,
-    InputNormalization,
-    architecture_names,
-    backbone_of,
-    build_model,
-    count_params,
-    unfreeze_backbone,
-)
+from python_task.training.architectures import ARCHITECTURES, architecture_names
+from python_task.training.models import InputNormalization, backbone_of, build_model, count_params, unfreeze_backbone
+from tests.conftest import cli_line  # noqa: E402
 
 SMALL = {"inception_v3": 75}  # every other architecture is built at 64 px
 EXPECTED_PREPROCESSING = {"simple_cnn": "unit", "unet_encoder": "unit", "resnet50": "caffe",
@@ -42,8 +36,8 @@ def weights_of(model) -> list[np.ndarray]:
 
 
 def assert_one_line(err: pytest.ExceptionInfo, *fragments: str) -> None:
-    text = str(err.value)
-    assert "\n" not in text
+    assert "\n" not in str(err.value)
+    text = cli_line(err.value)  # as the command line prints it: settings named by their flags
     for fragment in fragments:
         assert fragment in text, text
 
@@ -227,7 +221,7 @@ def test_unknown_architecture():
     with pytest.raises(TaskError) as err:
         build_model("vgg99", 64)
     assert_one_line(err, "--arch", "unknown architecture 'vgg99'", "choose from:", "simple_cnn", "convnext_tiny")
-    assert err.value.path == "--arch"
+    assert err.value.setting == "arch" and err.value.path is None
 
 
 def test_missing_weights_file(tmp_path):

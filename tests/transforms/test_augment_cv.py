@@ -4,15 +4,16 @@ and wired into train (``--augment-on``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-from python_task.transforms.augment_layers import AugmentOptions
-from python_task.transforms.augment_cv import PipelineAugmenter, apply_hed, as_uint8, resolve_engine
 from python_task.errors import TaskError
+from python_task.transforms.augment_cv import PipelineAugmenter, apply_hed, as_uint8
+from python_task.transforms.augmentations import AugmentOptions, resolve_engine
 from tests.transforms.test_augment_layers import ALL, METHODS, dihedral, he_tiles
 
 
@@ -142,7 +143,7 @@ def test_resolve_engine():
     assert resolve_engine("auto", accelerator=True) == "model"
     assert resolve_engine("model", accelerator=False) == "model"
     assert resolve_engine("pipeline", accelerator=True) == "pipeline"
-    with pytest.raises(TaskError, match="--augment-on"):
+    with pytest.raises(TaskError, match="augment_on"):
         resolve_engine("gpu", accelerator=False)
     assert not PipelineAugmenter("none")
 
@@ -163,7 +164,8 @@ def test_shard_batches_augment_in_the_reader_threads(synth_shards):
 
 def test_train_with_pipeline_augmentation_records_the_engine(learn_data, tmp_path):
     pytest.importorskip("keras")
-    from python_task.training.loop import TrainConfig, train
+    from python_task.training.config import TrainConfig
+    from python_task.training.loop import train
 
     shards, splits = learn_data
     cfg = TrainConfig(shards=shards, splits=splits, fold=0, arch="simple_cnn", out=tmp_path / "run", epochs=1,
@@ -179,15 +181,16 @@ def test_train_with_pipeline_augmentation_records_the_engine(learn_data, tmp_pat
 
     saved = keras.saving.load_model(tmp_path / "run" / "model.keras", compile=False)
     assert not any("augmenter" in layer.name for layer in saved.layers)  # nothing of it in the saved model
-    with pytest.raises(TaskError, match="--augment-on"):
+    with pytest.raises(TaskError, match="augment_on"):
         train(TrainConfig(shards=shards, splits=splits, fold=0, arch="simple_cnn", out=tmp_path / "bad",
                           augment_on="gpu"))
 
 
 def test_a_resumed_run_keeps_the_engine_its_checkpoint_was_made_with(tmp_path):
     keras = pytest.importorskip("keras")
+    from python_task.training.checkpoints import checkpoint_engine
+    from python_task.training.config import TrainConfig
     from python_task.transforms.augment_layers import build_augmenter
-    from python_task.training.loop import TrainConfig, checkpoint_engine
 
     cfg = TrainConfig(shards=tmp_path, splits=tmp_path / "s.json", fold=0, arch="simple_cnn", out=tmp_path,
                       augment="flip,hed", augment_on="auto")
@@ -196,4 +199,4 @@ def test_a_resumed_run_keeps_the_engine_its_checkpoint_was_made_with(tmp_path):
                                name="train_wrapper")
     assert checkpoint_engine(cfg, wrapper) == "model"  # layers in the checkpoint: never augment twice
     assert checkpoint_engine(cfg, inner) == "pipeline"
-    assert checkpoint_engine(TrainConfig(**{**cfg.__dict__, "augment": "none"}), inner) == "model"
+    assert checkpoint_engine(dataclasses.replace(cfg, augment="none"), inner) == "model"

@@ -8,9 +8,16 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from python_task.transforms.augment_layers import (AUGMENTATIONS, AugmentOptions, RandomDeform, RandomDihedral,  # noqa: E402
-                                 RandomHED, augment_function, bilinear_sample, build_augmenter, parse_augment)
 from python_task.errors import TaskError  # noqa: E402
+from python_task.transforms.augment_layers import (
+    RandomDeform,
+    RandomDihedral,
+    RandomHED,
+    augment_function,
+    bilinear_sample,
+    build_augmenter,
+)
+from python_task.transforms.augmentations import AUGMENTATIONS, AugmentOptions, parse_augment
 
 METHODS = ("flip", "rot90", "rotate", "scale", "elastic", "grid", "hed")
 ALL = ",".join(METHODS)
@@ -51,17 +58,17 @@ def test_parse_augment():
     assert parse_augment(["hed", "grid,scale"]) == ("hed", "grid", "scale")
     for nothing in ("none", "", None, [], "none,"):
         assert parse_augment(nothing) == ()
-    with pytest.raises(TaskError, match=r"--augment: unknown augmentation 'blur'; choose from: none, flip, rot90"):
+    with pytest.raises(TaskError, match=r"augment: unknown augmentation 'blur'; choose from: none, flip, rot90"):
         parse_augment("flip,blur")
     assert build_augmenter("none", seed=0) is None
 
 
 def test_options_are_validated():
-    with pytest.raises(TaskError, match="--elastic-sigma"):
+    with pytest.raises(TaskError, match="elastic_sigma"):
         build_augmenter("elastic", seed=0, options=AugmentOptions(elastic_sigma=0))
-    with pytest.raises(TaskError, match="--scale-range"):
+    with pytest.raises(TaskError, match="scale_range"):
         build_augmenter("scale", seed=0, options=AugmentOptions(scale_range=-0.1))
-    with pytest.raises(TaskError, match="--hed-sigma"):
+    with pytest.raises(TaskError, match="hed_sigma"):
         build_augmenter("hed", seed=0, options=AugmentOptions(hed_sigma=float("nan")))
     with pytest.raises(TaskError, match="unknown option"):
         build_augmenter("hed", seed=0, options={"hue": 1.0})
@@ -215,23 +222,23 @@ def tiny_shards(tmp_path_factory):
 def test_render_preview_writes_a_png(tiny_shards, tmp_path):
     import matplotlib.image
 
-    from python_task.transforms.preview import pick_tiles, render_preview
     from python_task.data.dataset import build_index
+    from python_task.transforms.preview import pick_tiles, render_preview
 
-    out = render_preview(tiny_shards, tmp_path / "grid.png", augment="flip,rot90,elastic,hed", n=4, columns=3)
+    out = render_preview(tiny_shards, tmp_path / "grid.png", augment="flip,rot90,elastic,hed", tiles=4, columns=3)
     assert out == tmp_path / "grid.png" and out.stat().st_size > 0
     img = matplotlib.image.imread(out)
     assert img.ndim == 3 and img.shape[2] in (3, 4) and img.shape[0] > 200 and img.shape[1] > 200
     assert img.shape[1] > img.shape[0]  # 4 columns (original + 3) by 4 rows, plus the labels
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png"]  # written atomically, no leftovers
-    out2 = render_preview(tiny_shards, tmp_path / "stain.png", augment="rotate,grid", stain="macenko", n=2,
+    out2 = render_preview(tiny_shards, tmp_path / "stain.png", augment="rotate,grid", stain="macenko", tiles=2,
                           columns=1)
     assert matplotlib.image.imread(out2).shape[1] > 0
     index = build_index(tiny_shards)
     picked = pick_tiles(index, 4, seed=0)
     assert len(set(index.labels[picked])) == 2 and len(set(index.slide_ids[picked])) >= 2
-    with pytest.raises(TaskError, match="--tiles"):
-        render_preview(tiny_shards, tmp_path / "x.png", n=0)
+    with pytest.raises(TaskError, match="tiles"):
+        render_preview(tiny_shards, tmp_path / "x.png", tiles=0)
     with pytest.raises(TaskError, match="nothing to preview"):
         render_preview(tiny_shards, tmp_path / "x.png", augment="none")
     with pytest.raises(TaskError, match="unknown augmentation"):

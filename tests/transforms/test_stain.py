@@ -10,9 +10,22 @@ import numpy as np
 import pytest
 
 from python_task.errors import TaskError
-from python_task.transforms.stain import (HED_FROM_RGB, RGB_FROM_HED, STAIN_METHODS, MacenkoNormalizer, ReinhardNormalizer,
-                               StainTransform, lab_to_rgb, make_normalizer, normalizer_from_dict, od_distance,
-                               od_to_rgb, rgb_to_lab, rgb_to_od, stain_angle)
+from python_task.transforms.stain import (
+    HED_FROM_RGB,
+    RGB_FROM_HED,
+    STAIN_METHODS,
+    MacenkoNormalizer,
+    ReinhardNormalizer,
+    StainTransform,
+    lab_to_rgb,
+    make_normalizer,
+    normalizer_from_dict,
+    od_distance,
+    od_to_rgb,
+    rgb_to_lab,
+    rgb_to_od,
+    stain_angle,
+)
 
 H_REF = np.array([0.5626, 0.7201, 0.4062])
 E_REF = np.array([0.2159, 0.8012, 0.5581])

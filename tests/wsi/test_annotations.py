@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from shapely.geometry import MultiPolygon, Polygon, box
 
+from python_task.errors import TaskError
 from python_task.wsi.annotations import (
     Region,
     clip_regions,
@@ -17,7 +18,6 @@ from python_task.wsi.annotations import (
     scale_regions,
     translate_regions,
 )
-from python_task.errors import TaskError
 
 CMU_CROP_ORIGIN = (42673, 5576)
 CMU_CROP_SIZE = (2220, 2967)

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 from shapely.geometry import box
 
-from python_task.wsi.annotations import Region
 from python_task.errors import TaskError
+from python_task.wsi.annotations import Region
 from python_task.wsi.labels import DEFAULT_LABELS, LabelMap, label_regions, load_label_map
+from tests.conftest import cli_line
 
 
 def _regions(*classes: str) -> list[Region]:
@@ -72,8 +73,10 @@ def test_unknown_names_are_listed(tmp_path: Path) -> None:
         label_regions(regions, load_label_map(None), path="slide.geojson")
     message = str(excinfo.value)
     assert message == ("slide.geojson: unknown class names: '<none>', 'Tissue', 'mark' "
-                       "(not in the labels file; use --ignore-unknown to skip them)")
+                       "(not in the labels file; use `ignore_unknown` to skip them)")
     assert excinfo.value.path == "slide.geojson"
+    assert cli_line(excinfo.value) == ("error: slide.geojson: unknown class names: '<none>', 'Tissue', 'mark' "
+                                       "(not in the labels file; use --ignore-unknown to skip them)")
 
 
 def test_ignore_unknown_counts_per_name() -> None:

@@ -21,6 +21,7 @@ from python_task.wsi.slides import (
     read_downsampled,
     thumbnail,
 )
+from tests.conftest import cli_line
 
 READERS = ("tiff", "openslide")
 CMU_SIZE = (2220, 2967)
@@ -371,7 +372,8 @@ def test_missing_mpp(tmp_path: Path) -> None:
     with pytest.raises(TaskError) as err:
         open_slide(path)
     message = assert_one_line_naming(err, path)
-    assert NO_MPP_CAUSE in message and "--slide-mpp" in message
+    assert NO_MPP_CAUSE in message and "`slide_mpp`" in message  # the setting, named by its field
+    assert "give it with --slide-mpp" in cli_line(err.value)  # the command line names it by its flag
     with open_slide(path, mpp=0.5) as slide:
         assert slide.mpp == 0.5 and slide.mpp_source == "user"
         assert slide.reader_name == "tiff"
