@@ -3,7 +3,7 @@
     python benchmarks/bench_extract.py [--size 18000] [--slides 4] [--out bench_out]
 
 Builds a JPEG-tiled pyramidal TIFF of about ``size`` x ``size`` px at 0.5 µm/px from real pixels (the shared
-CMU-1 crop when ``../shared/data`` exists, else a synthetic slide), copies it into a cohort of ``slides``
+CMU-1 crop when the real-data folder exists (``SHARED_DATA`` in ``_common``), else a synthetic slide), copies it into a cohort of ``slides``
 slides with one region covering the whole slide, and measures in one run:
 
 (a) ``extract`` end to end (read, tissue check, labelling, shard write), 1 and 2 workers;

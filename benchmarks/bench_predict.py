@@ -3,7 +3,7 @@
     python benchmarks/bench_predict.py [--size 18000] [--out bench_out] [--quick]
 
 Builds a JPEG-tiled pyramidal TIFF of ``size`` x ``size`` px at 0.5 µm/px from real pixels (the shared CMU-1 crop
-mirrored, when ``../shared/data`` exists, else a synthetic rendering; as ``bench_extract`` does) and one of
+mirrored, when the real-data folder exists (``SHARED_DATA`` in ``_common``), else a synthetic rendering; as ``bench_extract`` does) and one of
 ``2 size`` x ``2 size`` px (four times the area), trains a ``simple_cnn`` for one epoch on a small synthetic
 cohort (tiles of 256 px at 0.5 µm/px: the model only has to exist), then runs ``predict_slide`` on every tissue
 tile of each slide, each run in a fresh process so that its peak RSS is its own. The small slide runs before and

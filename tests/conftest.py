@@ -1,4 +1,5 @@
-"""Shared fixtures. Real slides and annotations come from ``../shared/data`` when it exists (CI has it)."""
+"""Shared fixtures. Real slides and annotations come from the folder ``SHARED_DATA`` names when it exists (CI has
+it); the tests that need them skip otherwise."""
 
 from __future__ import annotations
 

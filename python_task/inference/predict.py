@@ -2,7 +2,7 @@
 
 The model's ``config.json`` (written by ``train`` beside ``model.keras``) fixes the tile size, µm/px, stain
 normalisation and decision threshold, so inference sees tiles exactly as training did. Tiles are planned on the
-same origin-anchored grid as ``extract`` (every tissue tile, or only those inside ``--annotations``), read in
+same origin-anchored grid as ``extract`` (every tissue tile, or only those inside ``annotations``), read in
 row order by a background thread while the model scores the previous batch, so memory is bounded by a few
 batches whatever the slide size.
 

@@ -52,5 +52,5 @@ ARCHITECTURES: dict[str, ModelSpec] = {
 
 
 def architecture_names() -> list[str]:
-    """The names accepted by ``train --arch``, in registry order."""
+    """The names ``arch`` accepts, in registry order."""
     return list(ARCHITECTURES)
