@@ -26,6 +26,7 @@ import keras
 import numpy as np
 from keras import layers, ops
 
+import python_task.transforms.augment_layers  # noqa: F401 - registers the layers a saved training wrapper may hold
 from python_task.errors import ConfigError
 from python_task.training.architectures import ARCHITECTURES, PREPROCESSING_MODES, ModelSpec
 
@@ -295,10 +296,6 @@ def _load_weights(model: keras.Model, backbone: keras.Model, path: Path, arch: s
 
 def _load_by_name(model: keras.Model, backbone: keras.Model, path: Path, arch: str) -> None:
     """Copy weights from a saved model, layer by layer, where the layer names and all weight shapes match."""
-    try:
-        import python_task.transforms.augment_layers  # noqa: F401 - registers augmentation layers a training wrapper may hold
-    except ImportError:
-        pass
     try:
         source = keras.saving.load_model(path, compile=False)
     except Exception as exc:  # noqa: BLE001 - any failure to read the file is the user's to fix

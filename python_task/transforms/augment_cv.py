@@ -73,7 +73,7 @@ class PipelineAugmenter:
     def __init__(self, names: str | Sequence[str] | None,
                  options: AugmentOptions | dict[str, float] | None = None) -> None:
         self.names = parse_augment(names)
-        self.options = options = as_options(options if options is not None else AugmentOptions())
+        self.options = options = as_options(options)
         self.flip = "flip" in self.names
         self.rot90 = "rot90" in self.names
         self.hed = "hed" in self.names

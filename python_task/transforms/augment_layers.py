@@ -61,7 +61,7 @@ def build_augmenter(names: str | Sequence[str] | None, *, seed: int,
     names = parse_augment(names)
     if not names:
         return None
-    options = as_options(options if options is not None else AugmentOptions())
+    options = as_options(options)
     layers: list[keras.layers.Layer] = []
     flip, rot90 = "flip" in names, "rot90" in names
     geometric = {n: n in names for n in GEOMETRIC}

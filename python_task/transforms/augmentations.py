@@ -83,8 +83,11 @@ class AugmentOptions:
         return cls(**d)
 
 
-def as_options(options: AugmentOptions | dict[str, Any]) -> AugmentOptions:
-    """Checked ranges from an :class:`AugmentOptions` or a ``{name: value}`` dict of some of them."""
+def as_options(options: AugmentOptions | dict[str, Any] | None = None) -> AugmentOptions:
+    """Checked ranges from an :class:`AugmentOptions`, a ``{name: value}`` dict of some of them, or None (the
+    defaults)."""
+    if options is None:
+        return AugmentOptions()
     return (AugmentOptions.from_dict(options) if isinstance(options, dict) else options).validate()
 
 
