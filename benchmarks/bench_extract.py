@@ -21,7 +21,6 @@ import csv
 import json
 import shutil
 import sys
-import tempfile
 import time
 from io import BytesIO
 from pathlib import Path
@@ -29,12 +28,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHARED_DATA, run_measured, verdict, write_report  # noqa: E402
+from _common import SHARED_DATA, conclude, run_measured, scratch_folder, write_report  # noqa: E402
 
 EXTRACT_CODE = """
 import sys, time
 from pathlib import Path
-from python_task.shards.extract import ExtractParams, extract_cohort, read_cohort
+from python_task.shards.extract import extract_cohort
+from python_task.shards.params import ExtractParams
+from python_task.wsi.cohort import read_cohort
 cohort, out, workers, codec = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 jobs = read_cohort(cohort)
 t0 = time.perf_counter()
@@ -144,8 +145,7 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     args = ap.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="bench_extract_"))
-    try:
+    with scratch_folder("bench_extract_", keep=args.keep) as work:
         cohort, origin = build_cohort(work, args.size, args.slides)
         naive_code_plan = work / "plan.json"
         runs = {}
@@ -193,13 +193,7 @@ def main() -> int:
         print(f"  peak memory of a worker          : {worker_peak:8.0f} MiB")
         print(f"  bytes per tile: jpeg {jpeg_bpt / 1024:.1f} KiB, raw {raw_bpt / 1024:.1f} KiB, PNG "
               f"{png_bpt / 1024:.1f} KiB (jpeg/PNG = {jpeg_bpt / png_bpt:.2f}, raw/PNG = {raw_bpt / png_bpt:.2f})")
-        for name, ok in targets.items():
-            print(f"  {verdict(ok)}  {name}")
-        print(f"  report: {path}")
-        return 0 if all(targets.values()) else 1
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+        return conclude(targets, path)
 
 
 if __name__ == "__main__":

@@ -44,9 +44,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import shutil
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -57,7 +55,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import verdict, write_report  # noqa: E402
+from _common import conclude, scratch_folder, write_report  # noqa: E402
 
 AUG_SINGLE = ("flip", "rot90", "rotate", "scale", "elastic", "grid", "hed")
 AUG_COMBINED = "flip,rot90,elastic,hed"
@@ -412,8 +410,7 @@ def main() -> int:
 
     load_start = os.getloadavg()
     t_start = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="bench_input_"))
-    try:
+    with scratch_folder("bench_input_", keep=args.keep) as work:
         shards, build_s = build_tiles(work, args)
         from python_task.data.dataset import build_index
 
@@ -549,13 +546,7 @@ def main() -> int:
                   f"fit slowdown vs a cached batch {100 * sw['fraction']:.1f} % "
                   f"({sw['step_seconds_real']:.3f} / {sw['step_seconds_cached']:.3f} s a step: the cores the "
                   f"readers share)")
-        for name, ok in targets.items():
-            print(f"  {verdict(ok)}  {name}")
-        print(f"  {report['seconds']:.0f} s; report: {path}")
-        return 0 if all(targets.values()) else 1
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+        return conclude(targets, path, report["seconds"])
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -48,7 +47,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import verdict, write_report  # noqa: E402
+from _common import conclude, scratch_folder, write_report  # noqa: E402
 
 COMPARE_AUGMENT = "flip,rot90,elastic,hed"  # the combination of the input benchmark, in the reader threads on a CPU
 COMPARE = (("none", "none"), ("none", "macenko"), (COMPARE_AUGMENT, "none"), (COMPARE_AUGMENT, "macenko"))
@@ -234,8 +233,7 @@ def main() -> int:
 
     load_start = os.getloadavg()
     t_start = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="bench_learning_"))
-    try:
+    with scratch_folder("bench_learning_", keep=args.keep) as work:
         shards, splits, data = build_data(work, args)
         log(f"cohort: {args.patients} patients, {data['tiles']} tiles of {args.tile_size} px at {args.mpp} µm/px, "
             f"{args.folds} folds (synth {data['synth_seconds']:.0f} s, extract {data['extract_seconds']:.0f} s)")
@@ -307,13 +305,7 @@ def main() -> int:
             print("  simple_cnn, stain normalisation / augmentation:")
             for k, r in compare.items():
                 line(k, r)
-        for name, ok in targets.items():
-            print(f"  {verdict(ok)}  {name}")
-        print(f"  {report['seconds']:.0f} s; report: {path}")
-        return 0 if all(targets.values()) else 1
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+        return conclude(targets, path, report["seconds"])
 
 
 if __name__ == "__main__":

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +28,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import run_measured, verdict, write_report  # noqa: E402
+from _common import conclude, run_measured, scratch_folder, write_report  # noqa: E402
 from bench_extract import source_pixels  # noqa: E402
 
 PREDICT_CODE = """
@@ -51,10 +49,14 @@ except (OSError, StopIteration):
 TRAIN_CODE = """
 import sys
 from pathlib import Path
-from python_task.shards.extract import ExtractParams, extract_cohort, read_cohort
 from python_task.data.splits import make_splits, write_splits
-from python_task.synth.render import SynthConfig, generate_cohort
-from python_task.training.loop import TrainConfig, train
+from python_task.shards.extract import extract_cohort
+from python_task.shards.params import ExtractParams
+from python_task.synth.cohort import generate_cohort
+from python_task.synth.config import SynthConfig
+from python_task.training.config import TrainConfig
+from python_task.training.loop import train
+from python_task.wsi.cohort import read_cohort
 work, seed = Path(sys.argv[1]), int(sys.argv[2])
 cohort = generate_cohort(work / "cohort", SynthConfig(patients=4, seed=seed, slide_size=2048))
 shards = work / "shards"
@@ -113,8 +115,7 @@ def main() -> int:
 
     load_start = os.getloadavg()
     t_start = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="bench_predict_"))
-    try:
+    with scratch_folder("bench_predict_", keep=args.keep) as work:
         pixels, origin = source_pixels()
         slides = {"small": work / f"S{args.size}.tiff", "large": work / f"S{large_size}.tiff"}
         build_s = {"small": build_slide(slides["small"], pixels, args.size),
@@ -174,13 +175,7 @@ def main() -> int:
                   f"{r['tiles_per_s']:6.1f} tiles/s, peak RSS {r['peak_rss_mib']:6.0f} MiB")
         print(f"  large / small: time x {time_ratio:.2f}, tiles x {large_tiles / small_tiles:.2f}, time per tile "
               f"x {report['time_per_tile_ratio']:.2f}")
-        for name, ok in targets.items():
-            print(f"  {verdict(ok)}  {name}")
-        print(f"  {report['seconds']:.0f} s; report: {path}")
-        return 0 if all(targets.values()) else 1
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+        return conclude(targets, path, report["seconds"])
 
 
 if __name__ == "__main__":
