@@ -147,17 +147,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     """Every option comes from :func:`python_task.training.config.train_options` (that is, from TrainConfig)."""
     p = sub.add_parser("train", help="train and evaluate one model on one fold (one experiment point)")
     for option in train_config.train_options().values():
-        setting = option.setting
-        text = setting.help
-        if setting.choices:
-            text += f": {', '.join(setting.choices)}"
+        notes = [f"one of {', '.join(option.setting.choices)}"] if option.setting.choices else []
         kwargs: dict = {"dest": option.key, "required": option.required}
         if option.kind is bool:
             kwargs["action"] = "store_true"
         else:
             kwargs.update(type=option.kind, default=option.default)
             if option.fallback is not None and not option.required:
-                text += f" (default {_default(option.fallback)})"
+                notes.append(f"default {_default(option.fallback)}")
+        text = option.setting.help + (f" ({'; '.join(notes)})" if notes else "")
         p.add_argument(option.flag, help=text.replace("%", "%%"), **kwargs)
     p.set_defaults(handler=_run_train)
 

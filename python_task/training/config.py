@@ -53,23 +53,23 @@ class TrainConfig:
                                                                                 "must be in [0, 1)"))
     augment: str = setting("none", help="comma-separated augmentations, e.g. flip,rot90,elastic,hed")
     augment_on: str = setting("auto", choices=AUGMENT_ENGINES,
-                              help="where augmentation runs: pipeline (OpenCV in the reader threads, fast on a CPU), "
-                                   "model (Keras layers on the backend's device), auto (model with a GPU, else "
-                                   "pipeline)")
+                              help="where augmentation runs: pipeline = OpenCV in the reader threads, fast on a CPU; "
+                                   "model = Keras layers on the backend's device; auto = model with a GPU, else "
+                                   "pipeline")
     stain: str = setting("none", help="stain normalisation", choices=STAIN_METHODS)
     stain_reference: Path | None = setting(None, help="reference tile (image or .npy) for stain normalisation")
     seed: int = setting(0, help="random seed")
     weights: Path | None = setting(None, help="pretrained weights from a local file (never downloaded)")
     freeze_backbone: bool = setting(False, help="train only the head")
-    unfreeze_at: int = setting(0, help="epoch at which a frozen backbone is fine-tuned (0 = never)")
+    unfreeze_at: int = setting(0, help="epoch at which a frozen backbone is fine-tuned, 0 = never")
     input_size: int | None = setting(None, help="resize tiles to this size inside the model (default: tile size)")
     balance: str = setting("none", help="class balancing of training batches", choices=BALANCE_MODES)
     class_weights: bool = setting(False, help="weight the loss by inverse class frequency")
     patience: int = setting(5, help="early-stopping patience in epochs, 0 = off", check=_NOT_NEGATIVE)
-    mixed_precision: str = setting("auto", help="mixed float16 (auto: on when a GPU is present)",
+    mixed_precision: str = setting("auto", help="mixed float16, auto: on when a GPU is present",
                                    choices=PRECISION_MODES)
-    max_train_tiles: int = setting(0, help="seeded random subset of training tiles (0 = all)")
-    max_val_tiles: int = setting(0, help="seeded random subset of validation tiles (0 = all)")
+    max_train_tiles: int = setting(0, help="seeded random subset of training tiles, 0 = all")
+    max_val_tiles: int = setting(0, help="seeded random subset of validation tiles, 0 = all")
     base_filters: int = setting(32, help="width of simple_cnn / unet_encoder")
     workers: int = setting(2, help="threads reading tiles")
     tensorboard: bool = setting(True, help="do not write TensorBoard logs", flag="--no-tensorboard")
