@@ -161,9 +161,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    cfg = train_config.config_from_options(vars(args))  # checked before Keras is loaded: bad options fail fast
     from python_task.training.loop import train
 
-    cfg = train_config.config_from_options(vars(args))
     train(cfg)
     print(f"metrics written: {args.out / 'metrics.json'}")
     return 0
