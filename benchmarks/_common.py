@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,3 +51,22 @@ def write_report(out: Path, name: str, report: dict[str, Any]) -> Path:
 
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
+
+
+@contextlib.contextmanager
+def scratch_folder(prefix: str, *, keep: bool) -> Iterator[Path]:
+    """A temporary working folder, deleted on the way out unless ``keep`` (``--keep``)."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield work
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def conclude(targets: dict[str, bool], path: Path, seconds: float | None = None) -> int:
+    """Print the verdict on every target and where the report is; the exit status (0 when all are met)."""
+    for name, ok in targets.items():
+        print(f"  {verdict(ok)}  {name}")
+    print(f"  {seconds:.0f} s; report: {path}" if seconds is not None else f"  report: {path}")
+    return 0 if all(targets.values()) else 1

@@ -3,7 +3,7 @@
     python benchmarks/bench_extract.py [--size 18000] [--slides 4] [--out bench_out]
 
 Builds a JPEG-tiled pyramidal TIFF of about ``size`` x ``size`` px at 0.5 µm/px from real pixels (the shared
-CMU-1 crop when ``../shared/data`` exists, else a synthetic slide), copies it into a cohort of ``slides``
+CMU-1 crop when the real-data folder exists (``SHARED_DATA`` in ``_common``), else a synthetic slide), copies it into a cohort of ``slides``
 slides with one region covering the whole slide, and measures in one run:
 
 (a) ``extract`` end to end (read, tissue check, labelling, shard write), 1 and 2 workers;
@@ -21,7 +21,6 @@ import csv
 import json
 import shutil
 import sys
-import tempfile
 import time
 from io import BytesIO
 from pathlib import Path
@@ -29,12 +28,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHARED_DATA, run_measured, verdict, write_report  # noqa: E402
+from _common import SHARED_DATA, conclude, run_measured, scratch_folder, write_report  # noqa: E402
 
 EXTRACT_CODE = """
 import sys, time
 from pathlib import Path
-from python_task.extract import ExtractParams, extract_cohort, read_cohort
+from python_task.shards.extract import extract_cohort
+from python_task.shards.params import ExtractParams
+from python_task.wsi.cohort import read_cohort
 cohort, out, workers, codec = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 jobs = read_cohort(cohort)
 t0 = time.perf_counter()
@@ -69,14 +70,14 @@ def source_pixels() -> tuple[np.ndarray, str]:
         with openslide.OpenSlide(str(cmu)) as s:
             rgba = np.asarray(s.read_region((0, 0), 0, s.dimensions))
         return np.ascontiguousarray(rgba[..., :3]), f"real pixels of {cmu.name}"
-    from python_task.synth import render_slide
+    from python_task.synth.render import render_slide
 
     rgb, _ = render_slide(np.random.default_rng(0), 2048, "malignant")
     return rgb, "synthetic pixels (shared data absent)"
 
 
 def build_cohort(work: Path, size: int, n_slides: int) -> tuple[Path, str]:
-    from python_task.synth import write_mirrored_copy
+    from python_task.synth.tiff import write_mirrored_copy
 
     pixels, origin = source_pixels()
     slides = work / "slides"
@@ -102,8 +103,8 @@ def build_cohort(work: Path, size: int, n_slides: int) -> tuple[Path, str]:
 
 
 def tile_plan(shards: Path, cohort: Path) -> dict[str, list[list[int]]]:
-    from python_task.extract import read_cohort
-    from python_task.shards import ShardReader
+    from python_task.shards.format import ShardReader
+    from python_task.wsi.cohort import read_cohort
 
     plan = {}
     for job in read_cohort(cohort):
@@ -115,7 +116,7 @@ def tile_plan(shards: Path, cohort: Path) -> dict[str, list[list[int]]]:
 def png_bytes_per_tile(shards: Path, n: int = 200) -> float:
     from PIL import Image
 
-    from python_task.shards import ShardReader
+    from python_task.shards.format import ShardReader
 
     shard = sorted(shards.glob("*.h5"))[0]
     with ShardReader(shard) as r:
@@ -131,7 +132,7 @@ def png_bytes_per_tile(shards: Path, n: int = 200) -> float:
 
 def shard_bytes_per_tile(shards: Path, slide_ids: list[str] | None = None) -> float:
     paths = [p for p in shards.glob("*.h5") if slide_ids is None or p.stem in slide_ids]
-    from python_task.shards import read_shard_info
+    from python_task.shards.format import read_shard_info
 
     return sum(p.stat().st_size for p in paths) / sum(read_shard_info(p).n_tiles for p in paths)
 
@@ -144,8 +145,7 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     args = ap.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="bench_extract_"))
-    try:
+    with scratch_folder("bench_extract_", keep=args.keep) as work:
         cohort, origin = build_cohort(work, args.size, args.slides)
         naive_code_plan = work / "plan.json"
         runs = {}
@@ -193,13 +193,7 @@ def main() -> int:
         print(f"  peak memory of a worker          : {worker_peak:8.0f} MiB")
         print(f"  bytes per tile: jpeg {jpeg_bpt / 1024:.1f} KiB, raw {raw_bpt / 1024:.1f} KiB, PNG "
               f"{png_bpt / 1024:.1f} KiB (jpeg/PNG = {jpeg_bpt / png_bpt:.2f}, raw/PNG = {raw_bpt / png_bpt:.2f})")
-        for name, ok in targets.items():
-            print(f"  {verdict(ok)}  {name}")
-        print(f"  report: {path}")
-        return 0 if all(targets.values()) else 1
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+        return conclude(targets, path)
 
 
 if __name__ == "__main__":

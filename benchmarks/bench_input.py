@@ -14,7 +14,7 @@ run, on the TensorFlow backend, CPU:
     ``--repeats`` times and are averaged, since the machine is shared and noisy;
 (c) the pipeline plus augmentation, one method at a time (flip, rot90, rotate, scale, elastic, grid, hed) and
     flip+rot90+elastic+hed together, on the engine ``train`` uses on a CPU (``--augment-on pipeline``: OpenCV in
-    the reader threads, :class:`python_task.augment_cv.PipelineAugmenter`); and the combination on the Keras
+    the reader threads, :class:`python_task.transforms.augment_cv.PipelineAugmenter`); and the combination on the Keras
     layers (``--augment-on model``, what a GPU node uses), run per batch in training mode and compiled by the
     backend (``augment_function``), with XLA and without (``train`` gets the latter on TensorFlow: its op
     determinism turns XLA off);
@@ -44,9 +44,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import shutil
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -57,7 +55,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import verdict, write_report  # noqa: E402
+from _common import conclude, scratch_folder, write_report  # noqa: E402
 
 AUG_SINGLE = ("flip", "rot90", "rotate", "scale", "elastic", "grid", "hed")
 AUG_COMBINED = "flip,rot90,elastic,hed"
@@ -72,8 +70,11 @@ def log(msg: str) -> None:
 
 def build_tiles(work: Path, args) -> tuple[Path, float]:
     """Synthetic cohort -> JPEG shards; returns the shard folder and the seconds it took."""
-    from python_task.extract import ExtractParams, extract_cohort, read_cohort
-    from python_task.synth import SynthConfig, generate_cohort
+    from python_task.shards.extract import extract_cohort
+    from python_task.shards.params import ExtractParams
+    from python_task.synth.cohort import generate_cohort
+    from python_task.synth.config import SynthConfig
+    from python_task.wsi.cohort import read_cohort
 
     t0 = time.perf_counter()
     cohort = generate_cohort(work / "cohort", SynthConfig(patients=args.patients, seed=args.seed,
@@ -101,7 +102,7 @@ def write_png_folder(index, root: Path) -> tuple[float, float]:
     it compresses). Returns (seconds, mean bytes per tile)."""
     from PIL import Image
 
-    from python_task.dataset import TileFetcher
+    from python_task.data.dataset import TileFetcher
 
     for name in index.label_names:
         (root / name).mkdir(parents=True, exist_ok=True)
@@ -125,7 +126,7 @@ def write_png_folder(index, root: Path) -> tuple[float, float]:
 
 def jpeg_bytes(index, n: int = 256) -> list[bytes]:
     """The stored JPEG bytes of ``n`` tiles spread over the index (one per shard row)."""
-    from python_task.shards import ShardReader
+    from python_task.shards.format import ShardReader
 
     out = []
     pos = np.linspace(0, len(index) - 1, min(n, len(index))).astype(int)
@@ -144,7 +145,7 @@ def jpeg_bytes(index, n: int = 256) -> list[bytes]:
 def pipeline_rate(index, batch_size: int, seed: int, transform=None, augment=None) -> float:
     """Tiles/s of one epoch of ShardBatches (shuffled) through iterate_batches, optionally augmented per batch,
     batches as ``train`` gets them (``dtype=None``: uint8, cast by the model on its device)."""
-    from python_task.dataset import ShardBatches, iterate_batches
+    from python_task.data.dataset import ShardBatches, iterate_batches
 
     batches = ShardBatches(index, batch_size, shuffle=True, seed=seed, transform=transform, workers=2,
                            drop_remainder=augment is not None, dtype=None)
@@ -177,7 +178,7 @@ def png_rate(root: Path, batch_size: int, tile_size: int, seed: int, batches: in
 def fetch_rate(index, batch_size: int, threads: int = 2) -> float:
     """Tiles/s of TileFetcher.fetch alone (uint8, no float32 conversion), shuffled batches on ``threads``
     threads: what the reading and decoding cost, for comparison with the whole pipeline."""
-    from python_task.dataset import TileFetcher
+    from python_task.data.dataset import TileFetcher
 
     fetcher = TileFetcher(index)
     order = np.random.default_rng(7).permutation(len(index))
@@ -205,8 +206,8 @@ def augment_step_costs(sub, n: int = 64, seconds: float = 0.5) -> dict[str, floa
     and of the whole of it, on ``n`` real tiles of ``sub``: where the augmented pipeline's time goes."""
     import cv2
 
-    from python_task.augment_cv import PipelineAugmenter, _pixel_grid, apply_hed
-    from python_task.dataset import TileFetcher
+    from python_task.data.dataset import TileFetcher
+    from python_task.transforms.augment_cv import PipelineAugmenter, _pixel_grid, apply_hed
 
     tiles = TileFetcher(sub).fetch(np.arange(min(n, len(sub))))
     h, w = tiles.shape[1:3]
@@ -237,7 +238,7 @@ def augment_step_costs(sub, n: int = 64, seconds: float = 0.5) -> dict[str, floa
 
 def pipeline_augment_rates(sub, batch_size: int, specs: list[str]) -> dict[str, float]:
     """Tiles/s of the pipeline over ``sub`` with each augmentation spec run in the reader threads (OpenCV)."""
-    from python_task.augment_cv import PipelineAugmenter
+    from python_task.transforms.augment_cv import PipelineAugmenter
 
     out = {}
     for k, spec in enumerate(specs):
@@ -249,8 +250,9 @@ def pipeline_augment_rates(sub, batch_size: int, specs: list[str]) -> dict[str, 
 def augment_rates(sub, batch_size: int, jit: bool, specs: list[str]) -> dict[str, float]:
     """Tiles/s of the pipeline over ``sub`` with each augmentation spec run by the Keras layers after the
     pipeline (in the consuming thread), compiled once per spec before timing."""
-    from python_task.augment import augment_function, build_augmenter, parse_augment
-    from python_task.dataset import TileFetcher
+    from python_task.data.dataset import TileFetcher
+    from python_task.transforms.augment_layers import augment_function, build_augmenter
+    from python_task.transforms.augmentations import parse_augment
 
     warm = TileFetcher(sub).fetch(np.arange(batch_size)).astype(np.float32)
     out = {}
@@ -263,8 +265,8 @@ def augment_rates(sub, batch_size: int, jit: bool, specs: list[str]) -> dict[str
 
 
 def stain_rates(sub, batch_size: int) -> tuple[dict[str, float], dict[str, float]]:
-    from python_task.dataset import TileFetcher
-    from python_task.stain import StainTransform, make_normalizer
+    from python_task.data.dataset import TileFetcher
+    from python_task.transforms.stain import StainTransform, make_normalizer
 
     reference = TileFetcher(sub).fetch(np.sort(np.random.default_rng(17).choice(len(sub), min(16, len(sub)),
                                                                                   replace=False)))
@@ -283,8 +285,8 @@ def train_rates(index, archs: list[str], tile_size: int, batch: int, steps: int)
     """Training images/s per architecture (train_on_batch on a real batch, after warm-up) and the models."""
     import keras
 
-    from python_task.dataset import TileFetcher
-    from python_task.models import build_model
+    from python_task.data.dataset import TileFetcher
+    from python_task.training.models import build_model
 
     x = TileFetcher(index).fetch(np.arange(min(batch, len(index)))).astype(np.float32)
     y = index.labels[:len(x)].astype(np.float32)[:, None]
@@ -309,7 +311,7 @@ def train_rates(index, archs: list[str], tile_size: int, batch: int, steps: int)
 def loop_wait(model, index, batch: int, steps: int, repeats: int, transform=None, label: str = "") -> dict:
     """A training loop fed as ``fit`` feeds it (2 reader threads, 4 batches in flight): the share of the loop's
     time spent blocked on the next batch. The first batch (pipeline start-up) is not counted."""
-    from python_task.dataset import ShardBatches, iterate_batches
+    from python_task.data.dataset import ShardBatches, iterate_batches
 
     waited, total, done = 0.0, 0.0, 0
     for r in range(repeats):
@@ -339,7 +341,7 @@ def fit_slowdown(model, index, batch: int, steps: int, repeats: int, transform=N
     on one cached batch served by a PyDataset the same way (2 threads)."""
     import keras
 
-    from python_task.dataset import ShardBatches, TileFetcher
+    from python_task.data.dataset import ShardBatches, TileFetcher
 
     x = TileFetcher(index).fetch(np.arange(batch))
     y = index.labels[:batch].astype(np.float32)[:, None]
@@ -408,10 +410,9 @@ def main() -> int:
 
     load_start = os.getloadavg()
     t_start = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="bench_input_"))
-    try:
+    with scratch_folder("bench_input_", keep=args.keep) as work:
         shards, build_s = build_tiles(work, args)
-        from python_task.dataset import build_index
+        from python_task.data.dataset import build_index
 
         index = build_index(shards)
         n = len(index)
@@ -449,7 +450,7 @@ def main() -> int:
         stain, passthrough = stain_rates(sub, args.batch_size)
 
         # (e) training speed and (f) data wait, set up as train does (float32, op determinism)
-        from python_task.train import configure_backend
+        from python_task.training.loop import configure_backend
 
         configure_backend(args.seed, "off")
         archs = [a.strip() for a in args.train_archs.split(",") if a.strip()]
@@ -465,7 +466,7 @@ def main() -> int:
         if model is None:
             _, m = train_rates(index, ["simple_cnn"], args.tile_size, args.train_batch, 1)
             model = m["simple_cnn"]
-        from python_task.augment_cv import PipelineAugmenter
+        from python_task.transforms.augment_cv import PipelineAugmenter
 
         combined_aug = PipelineAugmenter(AUG_COMBINED)
         loop = loop_wait(model, index, args.train_batch, args.wait_steps, args.repeats)
@@ -545,13 +546,7 @@ def main() -> int:
                   f"fit slowdown vs a cached batch {100 * sw['fraction']:.1f} % "
                   f"({sw['step_seconds_real']:.3f} / {sw['step_seconds_cached']:.3f} s a step: the cores the "
                   f"readers share)")
-        for name, ok in targets.items():
-            print(f"  {verdict(ok)}  {name}")
-        print(f"  {report['seconds']:.0f} s; report: {path}")
-        return 0 if all(targets.values()) else 1
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+        return conclude(targets, path, report["seconds"])
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -48,7 +47,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import verdict, write_report  # noqa: E402
+from _common import conclude, scratch_folder, write_report  # noqa: E402
 
 COMPARE_AUGMENT = "flip,rot90,elastic,hed"  # the combination of the input benchmark, in the reader threads on a CPU
 COMPARE = (("none", "none"), ("none", "macenko"), (COMPARE_AUGMENT, "none"), (COMPARE_AUGMENT, "macenko"))
@@ -59,9 +58,12 @@ def log(msg: str) -> None:
 
 
 def build_data(work: Path, args) -> tuple[Path, Path, dict]:
-    from python_task.extract import ExtractParams, extract_cohort, read_cohort
-    from python_task.splits import make_splits, write_splits
-    from python_task.synth import SynthConfig, generate_cohort
+    from python_task.data.splits import make_splits, write_splits
+    from python_task.shards.extract import extract_cohort
+    from python_task.shards.params import ExtractParams
+    from python_task.synth.cohort import generate_cohort
+    from python_task.synth.config import SynthConfig
+    from python_task.wsi.cohort import read_cohort
 
     t0 = time.perf_counter()
     cohort = generate_cohort(work / "cohort", SynthConfig(patients=args.patients, seed=args.seed,
@@ -83,7 +85,7 @@ def build_data(work: Path, args) -> tuple[Path, Path, dict]:
 
 def fold_slides(shards: Path, splits: Path, fold: int) -> tuple[list[str], list[str]]:
     """Training and validation slide ids of ``fold``, checked as ``train`` checks them."""
-    from python_task.splits import load_fold
+    from python_task.data.splits import load_fold
 
     f = load_fold(splits, shards, fold)
     return list(f.train_slides), list(f.val_slides)
@@ -100,7 +102,7 @@ def colour_features(tiles: np.ndarray) -> np.ndarray:
 
 
 def index_features(index) -> np.ndarray:
-    from python_task.dataset import TileFetcher
+    from python_task.data.dataset import TileFetcher
 
     fetcher = TileFetcher(index)
     parts = []
@@ -115,8 +117,8 @@ def histogram_baseline(shards: Path, splits: Path, folds: int) -> list[dict]:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from python_task.dataset import build_index
-    from python_task.metrics import auc, group_auc
+    from python_task.data.dataset import build_index
+    from python_task.training.metrics import auc, group_auc
 
     out = []
     for fold in range(folds):
@@ -138,7 +140,8 @@ def run_config(shards: Path, splits: Path, work: Path, args, name: str, arch: st
     """``train`` on every fold; the metrics that matter here, per fold."""
     import keras
 
-    from python_task.train import TrainConfig, train
+    from python_task.training.config import TrainConfig
+    from python_task.training.loop import train
 
     rows = []
     for fold in range(args.folds):
@@ -169,7 +172,7 @@ def top10_patient_auc(predictions: Path) -> float:
     tiles (malignant patients also have benign regions, which dilute the mean)."""
     import csv
 
-    from python_task.metrics import group_auc
+    from python_task.training.metrics import group_auc
 
     with open(predictions, newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -230,8 +233,7 @@ def main() -> int:
 
     load_start = os.getloadavg()
     t_start = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="bench_learning_"))
-    try:
+    with scratch_folder("bench_learning_", keep=args.keep) as work:
         shards, splits, data = build_data(work, args)
         log(f"cohort: {args.patients} patients, {data['tiles']} tiles of {args.tile_size} px at {args.mpp} µm/px, "
             f"{args.folds} folds (synth {data['synth_seconds']:.0f} s, extract {data['extract_seconds']:.0f} s)")
@@ -303,13 +305,7 @@ def main() -> int:
             print("  simple_cnn, stain normalisation / augmentation:")
             for k, r in compare.items():
                 line(k, r)
-        for name, ok in targets.items():
-            print(f"  {verdict(ok)}  {name}")
-        print(f"  {report['seconds']:.0f} s; report: {path}")
-        return 0 if all(targets.values()) else 1
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+        return conclude(targets, path, report["seconds"])
 
 
 if __name__ == "__main__":

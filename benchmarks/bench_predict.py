@@ -3,7 +3,7 @@
     python benchmarks/bench_predict.py [--size 18000] [--out bench_out] [--quick]
 
 Builds a JPEG-tiled pyramidal TIFF of ``size`` x ``size`` px at 0.5 µm/px from real pixels (the shared CMU-1 crop
-mirrored, when ``../shared/data`` exists, else a synthetic rendering; as ``bench_extract`` does) and one of
+mirrored, when the real-data folder exists (``SHARED_DATA`` in ``_common``), else a synthetic rendering; as ``bench_extract`` does) and one of
 ``2 size`` x ``2 size`` px (four times the area), trains a ``simple_cnn`` for one epoch on a small synthetic
 cohort (tiles of 256 px at 0.5 µm/px: the model only has to exist), then runs ``predict_slide`` on every tissue
 tile of each slide, each run in a fresh process so that its peak RSS is its own. The small slide runs before and
@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,12 +28,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import run_measured, verdict, write_report  # noqa: E402
+from _common import conclude, run_measured, scratch_folder, write_report  # noqa: E402
 from bench_extract import source_pixels  # noqa: E402
 
 PREDICT_CODE = """
 import sys, time
-from python_task.predict import predict_slide
+from python_task.inference.predict import predict_slide
 model, slide, out, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 t0 = time.perf_counter()
 s = predict_slide(model, slide, out, batch_size=batch, progress=False)
@@ -51,10 +49,14 @@ except (OSError, StopIteration):
 TRAIN_CODE = """
 import sys
 from pathlib import Path
-from python_task.extract import ExtractParams, extract_cohort, read_cohort
-from python_task.splits import make_splits, write_splits
-from python_task.synth import SynthConfig, generate_cohort
-from python_task.train import TrainConfig, train
+from python_task.data.splits import make_splits, write_splits
+from python_task.shards.extract import extract_cohort
+from python_task.shards.params import ExtractParams
+from python_task.synth.cohort import generate_cohort
+from python_task.synth.config import SynthConfig
+from python_task.training.config import TrainConfig
+from python_task.training.loop import train
+from python_task.wsi.cohort import read_cohort
 work, seed = Path(sys.argv[1]), int(sys.argv[2])
 cohort = generate_cohort(work / "cohort", SynthConfig(patients=4, seed=seed, slide_size=2048))
 shards = work / "shards"
@@ -90,7 +92,7 @@ def warm_cache(path: Path) -> None:
 
 
 def build_slide(path: Path, pixels, size: int) -> float:
-    from python_task.synth import write_mirrored_copy
+    from python_task.synth.tiff import write_mirrored_copy
 
     t0 = time.perf_counter()
     write_mirrored_copy(path, pixels, size, size, 0.5)
@@ -113,8 +115,7 @@ def main() -> int:
 
     load_start = os.getloadavg()
     t_start = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="bench_predict_"))
-    try:
+    with scratch_folder("bench_predict_", keep=args.keep) as work:
         pixels, origin = source_pixels()
         slides = {"small": work / f"S{args.size}.tiff", "large": work / f"S{large_size}.tiff"}
         build_s = {"small": build_slide(slides["small"], pixels, args.size),
@@ -174,13 +175,7 @@ def main() -> int:
                   f"{r['tiles_per_s']:6.1f} tiles/s, peak RSS {r['peak_rss_mib']:6.0f} MiB")
         print(f"  large / small: time x {time_ratio:.2f}, tiles x {large_tiles / small_tiles:.2f}, time per tile "
               f"x {report['time_per_tile_ratio']:.2f}")
-        for name, ok in targets.items():
-            print(f"  {verdict(ok)}  {name}")
-        print(f"  {report['seconds']:.0f} s; report: {path}")
-        return 0 if all(targets.values()) else 1
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+        return conclude(targets, path, report["seconds"])
 
 
 if __name__ == "__main__":

@@ -1,8 +1,14 @@
 """The command line: argument parsing only. Each subcommand calls one library function.
 
-Errors the user can fix (:class:`~python_task.errors.TaskError`) are printed as one line on stderr, prefixed by
-``error:``, with exit status 1. Anything unexpected is also printed on one line (exit status 2) unless
-``--debug`` is given, which shows the traceback.
+The ``train`` options are generated from :class:`~python_task.training.config.TrainConfig`, the ``extract``
+defaults come from :class:`~python_task.shards.params.ExtractParams` and ``synth``'s from
+:class:`~python_task.synth.config.SynthConfig`; only light modules are imported to build the parser.
+
+Errors the user can fix (:class:`~python_task.errors.TaskError`) are printed as one line on stderr,
+``error: <file or flag>: <cause>``, with exit status 1: the library names settings by field (``batch_size``)
+and this module turns them, and the settings quoted in causes, into flags (``--batch-size``). Anything
+unexpected is also printed on one line (exit status 2) unless ``--debug`` is given, which shows the traceback.
+Log records of the package are printed on stderr: progress lines as they are, warnings with their level.
 """
 
 from __future__ import annotations
@@ -10,29 +16,58 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from python_task.errors import TaskError
+from python_task.shards.params import CODECS, ExtractParams
+from python_task.synth.config import SynthConfig
+from python_task.training import config as train_config
+from python_task.transforms.augmentations import AUGMENT_ENGINES
+from python_task.wsi.slides import READERS
 
 Handler = Callable[[argparse.Namespace], int]
+EXTRACT = ExtractParams()
+SYNTH = SynthConfig()
+PACKAGE_LOGGER = "python_task"
+
+
+def _default(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _tiling_options(p: argparse.ArgumentParser, *, stride_help: str) -> None:
+    """The options extract and predict share: how tiles are laid on the slide and read."""
+    p.add_argument("--slide-mpp", type=float, help="µm/px of level 0 when the slide's metadata lacks it")
+    p.add_argument("--min-coverage", type=float, default=EXTRACT.min_coverage,
+                   help=f"least fraction of a tile inside its region (default {_default(EXTRACT.min_coverage)})")
+    p.add_argument("--min-tissue", type=float, default=EXTRACT.min_tissue,
+                   help=f"least fraction of a tile that is tissue (default {_default(EXTRACT.min_tissue)})")
+    p.add_argument("--stride", type=int, help=stride_help)
+    p.add_argument("--offset", type=float, nargs=2, metavar=("DX", "DY"), default=EXTRACT.offset,
+                   help="add (DX, DY) level-0 px to every annotation coordinate (annotations drawn on a parent slide)")
+    p.add_argument("--reader", choices=READERS, default=EXTRACT.reader,
+                   help="pixel reader: a direct TIFF tile decoder where possible (auto), or always openslide")
 
 
 def _add_synth(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("synth", help="write a synthetic cohort of pyramidal TIFF slides with QuPath GeoJSON annotations")
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--patients", type=int, default=6, help="number of patients (default 6)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--slide-size", type=int, default=4096, help="level-0 width and height of each slide in px")
-    p.add_argument("--mpp", type=float, default=0.5, help="µm per pixel written into the slides (default 0.5)")
-    p.add_argument("--stain-variation", type=float, default=1.0,
+    p.add_argument("--patients", type=int, default=SYNTH.patients, help=f"number of patients (default {SYNTH.patients})")
+    p.add_argument("--seed", type=int, default=SYNTH.seed, help=f"random seed (default {SYNTH.seed})")
+    p.add_argument("--slide-size", type=int, default=SYNTH.slide_size, help="level-0 width and height of each slide "
+                                                                           f"in px (default {SYNTH.slide_size})")
+    p.add_argument("--mpp", type=float, default=SYNTH.mpp,
+                   help=f"µm per pixel written into the slides (default {_default(SYNTH.mpp)})")
+    p.add_argument("--stain-variation", type=float, default=SYNTH.stain_variation,
                    help="strength of per-slide stain variation (0 = none, 1 = default, 2 = strong)")
     p.set_defaults(handler=_run_synth)
 
 
 def _run_synth(args: argparse.Namespace) -> int:
-    from python_task.synth import SynthConfig, generate_cohort
+    from python_task.synth.cohort import generate_cohort
 
     cfg = SynthConfig(patients=args.patients, seed=args.seed, slide_size=args.slide_size, mpp=args.mpp,
                       stain_variation=args.stain_variation)
@@ -42,8 +77,6 @@ def _run_synth(args: argparse.Namespace) -> int:
 
 
 def _add_extract(sub: argparse._SubParsersAction) -> None:
-    import python_task as d
-
     p = sub.add_parser("extract", help="cut annotated regions into labelled tiles, one HDF5 shard per slide")
     src = p.add_argument_group("input: a cohort table, or a single slide")
     src.add_argument("--cohort", type=Path, help="cohort.csv (slide_id, patient_id, slide_path, annotation_path)")
@@ -55,27 +88,20 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder for shards and manifest.csv")
     p.add_argument("--labels", type=Path, help="labels YAML mapping annotation classes to target classes")
     p.add_argument("--ignore-unknown", action="store_true", help="skip regions whose class is not in the labels")
-    p.add_argument("--tile-size", type=int, default=d.DEFAULT_TILE_SIZE, help=f"tile size in px (default {d.DEFAULT_TILE_SIZE})")
-    p.add_argument("--mpp", type=float, default=d.DEFAULT_MPP, help=f"target µm per pixel (default {d.DEFAULT_MPP})")
-    p.add_argument("--slide-mpp", type=float, help="µm/px of level 0 when the slide's metadata lacks it")
-    p.add_argument("--min-coverage", type=float, default=d.DEFAULT_MIN_COVERAGE,
-                   help=f"least fraction of a tile inside its region (default {d.DEFAULT_MIN_COVERAGE})")
-    p.add_argument("--min-tissue", type=float, default=d.DEFAULT_MIN_TISSUE,
-                   help=f"least fraction of a tile that is tissue (default {d.DEFAULT_MIN_TISSUE})")
-    p.add_argument("--stride", type=int, help="grid step in output px (default: the tile size, no overlap)")
-    p.add_argument("--codec", choices=("jpeg", "raw"), default=d.DEFAULT_CODEC, help=f"tile storage (default {d.DEFAULT_CODEC})")
-    p.add_argument("--quality", type=int, default=d.DEFAULT_QUALITY, help=f"JPEG quality (default {d.DEFAULT_QUALITY})")
-    p.add_argument("--offset", type=float, nargs=2, metavar=("DX", "DY"), default=(0.0, 0.0),
-                   help="add (DX, DY) level-0 px to every annotation coordinate (annotations drawn on a parent slide)")
+    p.add_argument("--tile-size", type=int, default=EXTRACT.tile_size,
+                   help=f"tile size in px (default {EXTRACT.tile_size})")
+    p.add_argument("--mpp", type=float, default=EXTRACT.mpp, help=f"target µm per pixel (default {EXTRACT.mpp:g})")
+    _tiling_options(p, stride_help="grid step in output px (default: the tile size, no overlap)")
+    p.add_argument("--codec", choices=CODECS, default=EXTRACT.codec, help=f"tile storage (default {EXTRACT.codec})")
+    p.add_argument("--quality", type=int, default=EXTRACT.quality, help=f"JPEG quality (default {EXTRACT.quality})")
     p.add_argument("--workers", type=int, default=1, help="slides processed in parallel (default 1)")
-    p.add_argument("--reader", choices=("auto", "openslide", "tiff"), default="auto",
-                   help="pixel reader: a direct TIFF tile decoder where possible (auto), or always openslide")
     p.add_argument("--overwrite", action="store_true", help="redo slides whose shard already exists")
     p.set_defaults(handler=_run_extract)
 
 
 def _run_extract(args: argparse.Namespace) -> int:
-    from python_task.extract import ExtractParams, SlideJob, extract_cohort, read_cohort
+    from python_task.shards.extract import extract_cohort
+    from python_task.wsi.cohort import SlideJob, read_cohort
 
     params = ExtractParams(tile_size=args.tile_size, mpp=args.mpp, min_coverage=args.min_coverage,
                            min_tissue=args.min_tissue, stride=args.stride, codec=args.codec,
@@ -105,7 +131,7 @@ def _add_split(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_split(args: argparse.Namespace) -> int:
-    from python_task.splits import make_splits, write_splits
+    from python_task.data.splits import make_splits, write_splits
 
     splits = make_splits(args.shards, args.folds, seed=args.seed)
     write_splits(splits, args.out)
@@ -118,84 +144,37 @@ def _run_split(args: argparse.Namespace) -> int:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from python_task.train import AUGMENT_ENGINES as ENGINES
-    from python_task.train import OPTIMIZERS
-
+    """Every option comes from :func:`python_task.training.config.train_options` (that is, from TrainConfig)."""
     p = sub.add_parser("train", help="train and evaluate one model on one fold (one experiment point)")
-    p.add_argument("--shards", required=True, type=Path, help="folder of shards with manifest.csv")
-    p.add_argument("--splits", required=True, type=Path, help="splits JSON from `split`")
-    p.add_argument("--fold", required=True, type=int, help="validation fold")
-    p.add_argument("--arch", required=True, help="architecture name (see --list-archs)")
-    p.add_argument("--out", required=True, type=Path, help="output folder (re-running resumes it)")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
-    p.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
-    p.add_argument("--epochs", type=int, default=10, help="maximum epochs (default 10)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="optimiser (default adam)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="weight decay (default 0)")
-    p.add_argument("--dropout", type=float, default=0.3, help="dropout before the classifier (default 0.3)")
-    p.add_argument("--augment", default="none", help="comma-separated augmentations, e.g. flip,rot90,elastic,hed")
-    p.add_argument("--augment-on", choices=ENGINES, default="auto",
-                   help="where augmentation runs: pipeline (OpenCV in the reader threads, fast on a CPU), model "
-                        "(Keras layers on the backend's device), auto (model with a GPU, else pipeline)")
-    p.add_argument("--stain", default="none", help="stain normalisation: none, macenko, reinhard")
-    p.add_argument("--stain-reference", type=Path, help="reference tile (image or .npy) for stain normalisation")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--weights", type=Path, help="pretrained weights from a local file (never downloaded)")
-    p.add_argument("--freeze-backbone", action="store_true", help="train only the head")
-    p.add_argument("--unfreeze-at", type=int, default=0, help="epoch at which a frozen backbone is fine-tuned")
-    p.add_argument("--input-size", type=int, help="resize tiles to this size inside the model (default: tile size)")
-    p.add_argument("--balance", choices=("none", "oversample", "undersample"), default="none",
-                   help="class balancing of training batches")
-    p.add_argument("--class-weights", action="store_true", help="weight the loss by inverse class frequency")
-    p.add_argument("--patience", type=int, default=5, help="early-stopping patience in epochs, 0 = off (default 5)")
-    p.add_argument("--mixed-precision", choices=("auto", "on", "off"), default="auto",
-                   help="mixed float16 (auto: on when a GPU is present)")
-    p.add_argument("--max-train-tiles", type=int, default=0, help="seeded random subset of training tiles (0 = all)")
-    p.add_argument("--max-val-tiles", type=int, default=0, help="seeded random subset of validation tiles (0 = all)")
-    p.add_argument("--base-filters", type=int, default=32, help="width of simple_cnn / unet_encoder (default 32)")
-    p.add_argument("--workers", type=int, default=2, help="threads reading tiles (default 2)")
-    p.add_argument("--elastic-alpha", type=float, help="elastic deformation magnitude in px")
-    p.add_argument("--elastic-sigma", type=float, help="elastic deformation smoothness in px")
-    p.add_argument("--rotate-degrees", type=float, help="range of free rotations in degrees")
-    p.add_argument("--scale-range", type=float, help="range of random scaling (0.1 = ±10%%)")
-    p.add_argument("--hed-sigma", type=float, help="HED jitter: multiplicative range per stain")
-    p.add_argument("--hed-bias", type=float, help="HED jitter: additive range per stain")
-    p.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    for option in train_config.train_options().values():
+        notes = [f"one of {', '.join(option.setting.choices)}"] if option.setting.choices else []
+        kwargs: dict = {"dest": option.key, "required": option.required}
+        if option.kind is bool:
+            kwargs["action"] = "store_true"
+        else:
+            kwargs.update(type=option.kind, default=option.default)
+            if option.fallback is not None and not option.required:
+                notes.append(f"default {_default(option.fallback)}")
+        text = option.setting.help + (f" ({'; '.join(notes)})" if notes else "")
+        p.add_argument(option.flag, help=text.replace("%", "%%"), **kwargs)
     p.set_defaults(handler=_run_train)
 
 
-AUGMENT_OPTION_FLAGS = ("elastic_alpha", "elastic_sigma", "rotate_degrees", "scale_range", "hed_sigma", "hed_bias")
-
-
 def _run_train(args: argparse.Namespace) -> int:
-    from python_task.train import TrainConfig, train
+    cfg = train_config.config_from_options(vars(args))  # checked before Keras is loaded: bad options fail fast
+    from python_task.training.loop import train
 
-    options = {k: getattr(args, k) for k in AUGMENT_OPTION_FLAGS if getattr(args, k) is not None}
-    cfg = TrainConfig(shards=args.shards, splits=args.splits, fold=args.fold, arch=args.arch, out=args.out,
-                      lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, optimizer=args.optimizer,
-                      weight_decay=args.weight_decay, dropout=args.dropout, augment=args.augment,
-                      augment_on=args.augment_on, stain=args.stain,
-                      stain_reference=args.stain_reference, seed=args.seed, weights=args.weights,
-                      freeze_backbone=args.freeze_backbone, unfreeze_at=args.unfreeze_at,
-                      input_size=args.input_size, balance=args.balance, class_weights=args.class_weights,
-                      patience=args.patience, mixed_precision=args.mixed_precision,
-                      max_train_tiles=args.max_train_tiles, max_val_tiles=args.max_val_tiles,
-                      base_filters=args.base_filters, workers=args.workers, tensorboard=not args.no_tensorboard,
-                      verbose=not args.quiet, augment_options=options)
     train(cfg)
     print(f"metrics written: {args.out / 'metrics.json'}")
     return 0
 
 
 def _add_augment_preview(sub: argparse._SubParsersAction) -> None:
-    from python_task.train import AUGMENT_ENGINES as ENGINES
-
     p = sub.add_parser("augment-preview", help="draw original and augmented tiles side by side (PNG)")
     p.add_argument("--shards", required=True, type=Path, help="folder of shards")
     p.add_argument("--out", required=True, type=Path, help="PNG file to write")
     p.add_argument("--augment", default="flip,rot90,elastic,hed", help="augmentations to show")
-    p.add_argument("--augment-on", choices=ENGINES, default="auto",
+    p.add_argument("--augment-on", choices=AUGMENT_ENGINES, default="auto",
                    help="which implementation draws them (as train's --augment-on)")
     p.add_argument("--stain", default="none", help="stain normalisation to apply first")
     p.add_argument("--tiles", type=int, default=6, help="number of original tiles (rows)")
@@ -205,9 +184,9 @@ def _add_augment_preview(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_augment_preview(args: argparse.Namespace) -> int:
-    from python_task.preview import render_preview
+    from python_task.transforms.preview import render_preview
 
-    path = render_preview(args.shards, args.out, augment=args.augment, stain=args.stain, n=args.tiles,
+    path = render_preview(args.shards, args.out, augment=args.augment, stain=args.stain, tiles=args.tiles,
                           columns=args.columns, seed=args.seed, engine=args.augment_on)
     print(f"preview written: {path}")
     return 0
@@ -222,11 +201,16 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
-    from python_task.sweep import run_sweep
+    from python_task.experiments.sweep import run_sweep
 
     report = run_sweep(args.plan, args.out, jobs=args.jobs)
     print(f"results written: {report.results_csv}")
     return 1 if report.failed else 0
+
+
+# predict's own defaults, as in python_task.inference.predict.predict_slide (a test keeps them equal; importing
+# that module here would load Keras for every command)
+PREDICT_BATCH_SIZE = 64
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
@@ -235,19 +219,14 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--slide", required=True, type=Path, help="the slide")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--annotations", type=Path, help="score only tiles inside these regions; outlines drawn")
-    p.add_argument("--offset", type=float, nargs=2, metavar=("DX", "DY"), default=(0.0, 0.0),
-                   help="add (DX, DY) level-0 px to every annotation coordinate")
-    p.add_argument("--slide-mpp", type=float, help="µm/px of level 0 when the slide's metadata lacks it")
-    p.add_argument("--batch-size", type=int, default=64, help="tiles per inference batch (default 64)")
-    p.add_argument("--min-tissue", type=float, default=0.5, help="least tissue fraction of a scored tile")
-    p.add_argument("--min-coverage", type=float, default=0.5, help="least fraction inside a region (--annotations)")
-    p.add_argument("--stride", type=int, help="grid step in tile px (default: the tile size)")
-    p.add_argument("--reader", choices=("auto", "openslide", "tiff"), default="auto", help="pixel reader")
+    p.add_argument("--batch-size", type=int, default=PREDICT_BATCH_SIZE,
+                   help=f"tiles per inference batch (default {PREDICT_BATCH_SIZE})")
+    _tiling_options(p, stride_help="grid step in tile px (default: the tile size)")
     p.set_defaults(handler=_run_predict)
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from python_task.predict import predict_slide
+    from python_task.inference.predict import predict_slide
 
     s = predict_slide(args.model, args.slide, args.out, annotations=args.annotations, slide_mpp=args.slide_mpp,
                       batch_size=args.batch_size, min_tissue=args.min_tissue, min_coverage=args.min_coverage,
@@ -257,21 +236,32 @@ def _run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+# demo's own defaults, as in python_task.experiments.demo.DemoConfig (a test keeps them equal)
+DEMO_DEFAULTS = {"patients": 6, "epochs": 3, "jobs": 1, "seed": 0}
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole chain on a synthetic cohort: synth, extract, split, sweep, report, "
                                     "predict")
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--patients", type=int, default=6, help="synthetic patients (default 6)")
-    p.add_argument("--epochs", type=int, default=3, help="epochs per training point (default 3)")
-    p.add_argument("--jobs", type=int, default=1, help="training points run in parallel (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--patients", type=int, default=DEMO_DEFAULTS["patients"],
+                   help=f"synthetic patients (default {DEMO_DEFAULTS['patients']})")
+    p.add_argument("--epochs", type=int, default=DEMO_DEFAULTS["epochs"],
+                   help=f"epochs per training point (default {DEMO_DEFAULTS['epochs']})")
+    p.add_argument("--jobs", type=int, default=DEMO_DEFAULTS["jobs"],
+                   help=f"training points run in parallel (default {DEMO_DEFAULTS['jobs']})")
+    p.add_argument("--seed", type=int, default=DEMO_DEFAULTS["seed"],
+                   help=f"random seed (default {DEMO_DEFAULTS['seed']})")
     p.set_defaults(handler=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from python_task.demo import DemoConfig, run_demo
+    from python_task.experiments.demo import DemoConfig, run_demo
 
-    run_demo(args.out, DemoConfig(patients=args.patients, epochs=args.epochs, jobs=args.jobs, seed=args.seed))
+    outputs = run_demo(args.out, DemoConfig(patients=args.patients, epochs=args.epochs, jobs=args.jobs,
+                                            seed=args.seed))
+    for name, path in outputs.items():
+        print(f"  {name:<32} {path}")
     return 0
 
 
@@ -287,7 +277,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from python_task.report import make_report
+    from python_task.experiments.report import make_report
 
     path = make_report(args.results, args.out, metric=args.metric)
     print(f"report written: {path}")
@@ -295,7 +285,8 @@ def _run_report(args: argparse.Namespace) -> int:
 
 
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    _add_synth, _add_extract, _add_split, _add_train, _add_augment_preview, _add_sweep, _add_predict, _add_report, _add_demo)
+    _add_synth, _add_extract, _add_split, _add_train, _add_augment_preview, _add_sweep, _add_predict, _add_report,
+    _add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -310,18 +301,87 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# --------------------------------------------------------------------------------------------- library -> flags
+
+def option_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """``{dest: flag}`` of every option of every subcommand (``batch_size`` -> ``--batch-size``)."""
+    flags: dict[str, str] = {}
+    for action in parser._actions:  # noqa: SLF001 - argparse keeps its subparsers here
+        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+            for sub in action.choices.values():
+                for a in sub._actions:  # noqa: SLF001
+                    if a.option_strings and a.dest != "help":
+                        flags.setdefault(a.dest, a.option_strings[-1])
+    return flags
+
+
+def speak_flags(text: str, flags: Mapping[str, str]) -> str:
+    """Settings quoted in a library message (```lr```) as the command line spells them (``--lr``)."""
+    return re.sub(r"`(\w+)`", lambda m: flags.get(m.group(1), m.group(0)), text)
+
+
+def error_line(exc: TaskError, flags: Mapping[str, str]) -> str:
+    """``error: <file or flag>: <cause>``: the one line the command line prints for a library error."""
+    subject = exc.path if exc.path is not None else (flags.get(exc.setting, exc.setting) if exc.setting else None)
+    cause = speak_flags(exc.cause, flags)
+    return f"error: {subject}: {cause}" if subject is not None else f"error: {cause}"
+
+
+class _LogFormatter(logging.Formatter):
+    """Progress lines (INFO and below) as they are, warnings and errors with their level and logger; settings
+    quoted in messages as flags."""
+
+    def __init__(self, flags: Mapping[str, str]) -> None:
+        super().__init__()
+        self.flags = flags
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = speak_flags(record.getMessage(), self.flags)
+        if record.levelno >= logging.WARNING:
+            message = f"{record.levelname} {record.name}: {message}"
+        if record.exc_info:
+            message += "\n" + self.formatException(record.exc_info)
+        return message
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A stream handler that writes to whatever ``sys.stderr`` is at the time (a test may have replaced it)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def configure_logging(verbose: bool, flags: Mapping[str, str]) -> None:
+    """The package's log records on stderr: its progress lines (INFO) always, DEBUG with ``-v`` (or the level in
+    ``PYTHON_TASK_LOG``); other libraries' warnings, and their INFO with ``-v``."""
+    handler = _StderrHandler()
+    handler.setFormatter(_LogFormatter(flags))
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    level = os.environ.get("PYTHON_TASK_LOG") or (logging.DEBUG if verbose else logging.INFO)
+    logging.getLogger(PACKAGE_LOGGER).setLevel(level)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    flags = option_flags(parser)
+    configure_logging(args.verbose, flags)
     handler: Handler = args.handler
     try:
         return handler(args)
     except TaskError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(error_line(exc, flags), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

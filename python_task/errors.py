@@ -1,7 +1,9 @@
-"""One exception type for every expected failure: bad slides, bad annotations, bad options.
+"""The failures a user can fix, as a small hierarchy: bad settings, slides, annotations, shards.
 
-The command line prints ``error: <file>: <cause>`` on one line and exits non-zero; library callers can catch
-:class:`TaskError` and read ``path`` and ``cause`` separately.
+Every error names what is at fault and says why on one line: ``path`` (a file, or a thing such as ``stain
+reference``) or ``setting`` (a field name such as ``lr`` or ``batch_size``), and ``cause``. The library speaks
+in field names; settings mentioned inside a cause are quoted in backticks (``lower `lr```). The command line
+alone turns them into its flags (``--lr``) and prints ``error: <file or flag>: <cause>``.
 """
 
 from __future__ import annotations
@@ -10,9 +12,31 @@ from os import PathLike
 
 
 class TaskError(Exception):
-    """A failure the user can fix: names the file (or option) at fault and the cause, on one line."""
+    """A failure the user can fix: the file (or setting) at fault and the cause, on one line."""
 
-    def __init__(self, path: str | PathLike[str] | None, cause: str) -> None:
+    def __init__(self, path: str | PathLike[str] | None, cause: str, *, setting: str | None = None) -> None:
         self.path = None if path is None else str(path)
+        self.setting = setting
         self.cause = " ".join(str(cause).split())  # always one line
-        super().__init__(self.cause if self.path is None else f"{self.path}: {self.cause}")
+        subject = self.path if self.path is not None else setting
+        super().__init__(self.cause if subject is None else f"{subject}: {self.cause}")
+
+
+class ConfigError(TaskError):
+    """A setting the program cannot use: ``setting`` is its field name (``lr``, ``tile_size``), ``path`` the file
+    that gave it, if any (a plan)."""
+
+    def __init__(self, setting: str | None, cause: str, *, path: str | PathLike[str] | None = None) -> None:
+        super().__init__(path, cause, setting=setting)
+
+
+class SlideError(TaskError):
+    """A slide that cannot be opened or read, or lacks what the task needs (its µm/px)."""
+
+
+class AnnotationError(TaskError):
+    """An annotation or labels file that cannot be read, or whose regions cannot be used."""
+
+
+class ShardError(TaskError):
+    """Tile shards, their manifest, or a split of them that is missing, unreadable or inconsistent."""

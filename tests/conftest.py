@@ -1,4 +1,5 @@
-"""Shared fixtures. Real slides and annotations come from ``../shared/data`` when it exists (CI has it)."""
+"""Shared fixtures. Real slides and annotations come from the folder ``SHARED_DATA`` names when it exists (CI has
+it); the tests that need them skip otherwise."""
 
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def cmu_slide(shared_data: Path) -> Path:
 @pytest.fixture(scope="session")
 def synth_cohort(tmp_path_factory) -> Path:
     """A small synthetic cohort (4 patients, 2048-px slides), made once per test session."""
-    from python_task.synth import SynthConfig, generate_cohort
+    from python_task.synth.cohort import generate_cohort
+    from python_task.synth.config import SynthConfig
 
     out = tmp_path_factory.mktemp("cohort")
     return generate_cohort(out, SynthConfig(patients=4, seed=11, slide_size=2048))
@@ -42,7 +44,9 @@ def synth_cohort(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synth_shards(synth_cohort, tmp_path_factory) -> Path:
     """Default-parameter shards of :func:`synth_cohort`."""
-    from python_task.extract import ExtractParams, extract_cohort, read_cohort
+    from python_task.shards.extract import extract_cohort
+    from python_task.shards.params import ExtractParams
+    from python_task.wsi.cohort import read_cohort
 
     out = tmp_path_factory.mktemp("shards")
     report = extract_cohort(read_cohort(synth_cohort), out, ExtractParams(), workers=1, progress=False)
@@ -53,9 +57,12 @@ def synth_shards(synth_cohort, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def learn_data(tmp_path_factory):
     """A synthetic cohort of 10 patients cut at 1 µm/px into 64-px tiles, with a 2-fold patient split."""
-    from python_task.extract import ExtractParams, extract_cohort, read_cohort
-    from python_task.splits import make_splits, write_splits
-    from python_task.synth import SynthConfig, generate_cohort
+    from python_task.data.splits import make_splits, write_splits
+    from python_task.shards.extract import extract_cohort
+    from python_task.shards.params import ExtractParams
+    from python_task.synth.cohort import generate_cohort
+    from python_task.synth.config import SynthConfig
+    from python_task.wsi.cohort import read_cohort
 
     root = tmp_path_factory.mktemp("learn")
     cohort = generate_cohort(root / "cohort", SynthConfig(patients=10, seed=5, slide_size=2048))
@@ -70,10 +77,18 @@ def learn_data(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained_model(learn_data, tmp_path_factory) -> Path:
     """A simple_cnn trained for 3 epochs on :func:`learn_data` (fold 0); the run folder."""
-    from python_task.train import TrainConfig, train
+    from python_task.training.config import TrainConfig
+    from python_task.training.loop import train
 
     shards, splits = learn_data
     out = tmp_path_factory.mktemp("trained")
     train(TrainConfig(shards=shards, splits=splits, fold=0, arch="simple_cnn", out=out, epochs=3, batch_size=32,
                       lr=5e-4, augment="flip,rot90", verbose=False, tensorboard=False, patience=0))
     return out
+
+
+def cli_line(exc) -> str:
+    """The one line the command line prints for a library error (settings named as flags)."""
+    from python_task.cli import build_parser, error_line, option_flags
+
+    return error_line(exc, option_flags(build_parser()))

@@ -26,8 +26,8 @@ import copy
 import math
 import os
 import re
-from decimal import Decimal
 from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable

@@ -79,15 +79,14 @@ from typing import Any
 from . import ports
 from .dsl import (
     LHS,
+    NSGA2,
     REPO_ROOT,
     Chain,
     DirectSampling,
-    Environment,
     Factor,
     Hook,
     HostFile,
     Node,
-    NSGA2,
     Plan,
     Product,
     Settings,
@@ -553,7 +552,7 @@ class Engine:
             raise TaskFailure(f'Process "{" ; ".join(commands)}" exited with an error code {proc.returncode} '
                               f"(it should equal 0).")
         out: dict[str, Any] = {}
-        for origin, val, file in mapping:
+        for _origin, val, file in mapping:
             if not file.exists():
                 parent = file.parent
                 where = (f"its parent directory {parent} contains [{', '.join(p.name for p in parent.iterdir())}]"

@@ -23,8 +23,8 @@ from .conftest import copy_plans
 from .dsl import Settings, java_double, scala_str
 from .engine import (
     STANDIN_LOG,
-    Engine,
     EndlessResubmission,
+    Engine,
     ExecutionCancelled,
     load_plan,
     namespaces_available,
@@ -106,7 +106,7 @@ def test_a_failed_run_then_a_rerun_of_sweep(plans, tmp_path):
     assert "fold" not in header and {"arch", "lr", "augment", "stain", "seed", "folds_ok"} <= set(header)
     assert configs[-1]["folds_ok"] == "2" and 0 <= float(configs[-1]["mean_val_auc"]) <= 1
 
-    from python_task.report import make_report, read_results, summarize
+    from python_task.experiments.report import make_report, read_results, summarize
 
     summary = summarize(read_results(plans / "results" / "points.csv"))
     assert len(summary) == 1 and summary[0]["n_points"] == 2 and summary[0]["n_completed"] == 2
@@ -118,12 +118,12 @@ def test_a_training_that_fails_is_a_row_with_its_exit_code(plans, tmp_path):
     engine = sweep_engine(plans, tmp_path, edits=[('optimizer := "adam"', 'optimizer := "nesterov"')])
     engine.run()
     _, rows = read_csv(plans / "results" / "points.csv")
-    assert {r["exitCode"] for r in rows} == {"2"}, "train's own exit code (argparse refuses the optimizer)"
+    assert {r["exitCode"] for r in rows} == {"1"}, "train's own exit code (it refuses the optimizer)"
     assert {r["status"] for r in rows} == {"failed"} and all(math.isnan(float(r["val_auc"])) for r in rows)
-    assert rows[0]["error"] == "train exited with code 2: see stderr in OpenMOLE's log"
+    assert rows[0]["error"] == "train exited with code 1: see stderr in OpenMOLE's log"
     assert not [e for e in engine.events if e.kind == "caught"], "the task itself did not fail: /out came back"
     container = next(e for e in engine.events if e.kind == "container")
-    assert "invalid choice: 'nesterov'" in container.detail["stderr"]
+    assert "error: --optimizer: choose from adam, adamw, sgd (got 'nesterov')" in container.detail["stderr"]
 
 
 def test_a_point_past_its_time_limit_is_stopped_and_recorded(plans, tmp_path):
@@ -263,7 +263,7 @@ def common_parse_code() -> str:
 
 def test_the_ports_follow_the_scala(common_parse_code):
     src = (Path(__file__).resolve().parents[2] / "openmole" / "common.oms").read_text()
-    for name, lines in ports.NATIVE_LINES.items():
+    for lines in ports.NATIVE_LINES.values():
         ports.check_port(src, lines)
     ports.check_port(common_parse_code, ports.PARSE_LINES)
     with pytest.raises(ports.PortMismatch):

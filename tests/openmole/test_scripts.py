@@ -21,6 +21,8 @@ import re
 
 import pytest
 
+from python_task.training.metrics import CONTRACT_METRICS
+
 from .dsl import OMS_DIR, parse, string_value, syntax_problems, text, walk
 from .engine import load_plan
 
@@ -28,9 +30,6 @@ PLANS = ("sweep.oms", "lhs.oms", "nsga2.oms", "probe_gpu.oms")
 SCRIPTS = ("common.oms", *PLANS)
 REFERENCE = OMS_DIR.parents[1] / "shared" / "reference" / "openmole.md"
 
-CONTRACT_METRICS = ("val_auc", "val_accuracy", "val_balanced_accuracy", "val_sensitivity", "val_specificity",
-                    "val_f1", "val_loss", "val_slide_auc", "val_patient_auc", "threshold", "train_seconds",
-                    "epochs_run", "n_train_tiles", "n_val_tiles", "n_params")
 
 # The reference's §9 "DSL identifiers a script of this kind uses" (checked against the reference when present).
 REFERENCE_DSL = frozenset("""
@@ -98,22 +97,12 @@ def common():
     return load_plan("sweep.oms")
 
 
-def train_parser():
-    from python_task.cli import build_parser
-
-    parser = build_parser()
-    for action in parser._actions:  # noqa: SLF001 - argparse keeps subparsers here
-        choices = getattr(action, "choices", None)
-        if isinstance(choices, dict) and "train" in choices:
-            return choices["train"]
-    raise AssertionError("no train subcommand in python_task.cli.build_parser()")
-
-
 def train_option_strings() -> tuple[set[str], set[str]]:
-    p = train_parser()
-    options = {o for a in p._actions for o in a.option_strings}  # noqa: SLF001
-    required = {a.option_strings[0] for a in p._actions if a.required and a.option_strings}  # noqa: SLF001
-    return options, required
+    """(every flag, the required flags) of ``train``, from TrainConfig (the parser is generated from it)."""
+    from python_task.training.config import train_options
+
+    options = train_options().values()
+    return {o.flag for o in options}, {o.flag for o in options if o.required}
 
 
 def command_options(command: str) -> list[str]:
@@ -323,7 +312,7 @@ def test_the_point_never_exits_and_keeps_the_code(common):
 # ------------------------------------------------------------------------------------------------ names swept
 
 def test_swept_architectures_are_registered():
-    from python_task.models import ARCHITECTURES
+    from python_task.training.architectures import ARCHITECTURES
 
     archs = swept_values("arch")
     assert len(archs) >= 3
@@ -331,7 +320,7 @@ def test_swept_architectures_are_registered():
 
 
 def test_swept_stains_are_registered():
-    from python_task.stain import STAIN_METHODS
+    from python_task.transforms.stain import STAIN_METHODS
 
     stains = swept_values("stain")
     assert {"none", "macenko"} <= stains
@@ -339,7 +328,7 @@ def test_swept_stains_are_registered():
 
 
 def test_swept_augmentations_are_registered():
-    from python_task.augment import AUGMENTATIONS
+    from python_task.transforms.augmentations import AUGMENTATIONS
 
     levels = swept_values("augment")
     assert "none" in levels and len(levels) >= 3
@@ -352,7 +341,7 @@ def test_swept_augmentations_are_registered():
 
 
 def test_swept_optimizers_exist():
-    from python_task.train import OPTIMIZERS
+    from python_task.training.config import OPTIMIZERS
 
     assert swept_values("optimizer") <= set(OPTIMIZERS)
 
@@ -370,12 +359,6 @@ def test_parsed_metrics_are_the_contract_metrics(common):
     for metric in CONTRACT_METRICS:
         assert vals[metric].type == "Double", f"{metric} is not a Val[Double]"
     assert set(CONTRACT_METRICS) | {"status", "error", "point_id", "out_dir"} <= set(parse_task.output_names())
-
-
-def test_contract_metrics_match_the_package():
-    from python_task.sweep import METRICS
-
-    assert tuple(METRICS) == CONTRACT_METRICS
 
 
 # ------------------------------------------------------------------------------------------------ structure

@@ -1,0 +1,300 @@
+"""``sweep``: the local runner. A YAML plan -> one ``train`` command per point -> ``results.csv``.
+
+Each point runs as the same command line the OpenMOLE container runs (``python -m python_task train ...``), in
+its own process, sequentially or ``jobs`` at a time. After each point ``results.csv`` is rewritten (atomically)
+with one row per point: the factor columns, the contract's metric columns, ``status``, ``error``, ``out_dir``
+and the timing columns. Re-running the same plan skips the points already finished; failed points are retried.
+This is not a scheduler: anything beyond one machine is OpenMOLE's job.
+
+Plan layout (paths relative to the plan file)::
+
+    shards: shards/
+    splits: splits.json
+    factors:            # full factorial; keys are train options without dashes (batch_size = --batch-size)
+      arch: [simple_cnn, resnet50]
+      fold: [0, 1, 2]
+    fixed:              # passed unchanged to every point
+      epochs: 5
+    random:             # optional: n random draws of continuous factors, crossed with `factors`
+      n: 4
+      seed: 0
+      factors:
+        lr: {log_uniform: [1.0e-4, 1.0e-2]}
+        dropout: {uniform: [0.0, 0.5]}
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import csv
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from python_task.errors import ConfigError
+from python_task.fileio import write_csv_atomic, write_json_atomic
+from python_task.training.config import train_options
+from python_task.training.metrics import CONTRACT_METRICS
+
+log = logging.getLogger(__name__)
+
+BOOKKEEPING = ("status", "error", "point_id", "out_dir", "wall_seconds", "overhead_seconds")
+RESERVED = {"shards", "splits", "out"}  # given by the plan's paths and the runner, never by a factor
+DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform")
+
+
+@dataclass
+class Plan:
+    path: Path
+    shards: Path
+    splits: Path
+    factors: dict[str, list[Any]]
+    fixed: dict[str, Any]
+    random: dict[str, Any] = field(default_factory=dict)
+
+    def factor_names(self) -> list[str]:
+        names = list(self.factors) + list(self.random.get("factors", {}))
+        return names + [k for k in self.fixed if k not in names]
+
+
+def load_plan(path: str | os.PathLike[str]) -> Plan:
+    """Read and check a plan; every key must be a ``train`` option."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(None, "plan not found", path=path) from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(None, f"not a readable YAML plan ({' '.join(str(exc).split())})", path=path) from None
+    if not isinstance(data, dict):
+        raise ConfigError(None, "a plan is a YAML mapping with shards, splits, factors and fixed", path=path)
+    for key in ("shards", "splits"):
+        if not isinstance(data.get(key), str):
+            raise ConfigError(None, f"missing '{key}: PATH'", path=path)
+    unknown_top = set(data) - {"shards", "splits", "factors", "fixed", "random", "name", "description"}
+    if unknown_top:
+        raise ConfigError(None, f"unknown key(s) {', '.join(sorted(unknown_top))}", path=path)
+    factors = data.get("factors") or {}
+    fixed = data.get("fixed") or {}
+    random = data.get("random") or {}
+    if not isinstance(factors, dict) or not isinstance(fixed, dict) or not isinstance(random, dict):
+        raise ConfigError(None, "factors, fixed and random must be mappings", path=path)
+    factors = {k: v if isinstance(v, list) else [v] for k, v in factors.items()}
+    for key, levels in factors.items():
+        if not levels:
+            raise ConfigError(None, f"factor '{key}' has no level", path=path)
+    plan = Plan(path=path, shards=path.parent / data["shards"], splits=path.parent / data["splits"],
+                factors=factors, fixed=fixed, random=random)
+    _check_keys(plan)
+    return plan
+
+
+def _check_keys(plan: Plan) -> None:
+    options = train_options()  # generated from TrainConfig: a new train setting is a plan key at once
+    names = plan.factor_names()
+    unknown = [k for k in names if k not in options or k in RESERVED]
+    if unknown:
+        raise ConfigError(None, f"not train options: {', '.join(unknown)} (keys are train options without "
+                          "dashes, e.g. batch_size for --batch-size)", path=plan.path)
+    dupes = set(plan.factors) & set(plan.fixed)
+    if dupes:
+        raise ConfigError(None, f"{', '.join(sorted(dupes))} both a factor and fixed", path=plan.path)
+    for required in ("arch", "fold"):
+        if required not in names:
+            raise ConfigError(None, f"'{required}' must be a factor or fixed", path=plan.path)
+    rnd = plan.random
+    if rnd:
+        if not isinstance(rnd.get("n"), int) or rnd["n"] < 1:
+            raise ConfigError(None, "random.n must be a positive integer", path=plan.path)
+        for key, dist in (rnd.get("factors") or {}).items():
+            if not (isinstance(dist, dict) and len(dist) == 1 and next(iter(dist)) in DISTRIBUTIONS
+                    and len(next(iter(dist.values()))) == 2):
+                raise ConfigError(None, f"random factor '{key}': write {{uniform|log_uniform|int_uniform: "
+                                  "[low, high]}}", path=plan.path)
+
+
+def expand_points(plan: Plan) -> list[dict[str, Any]]:
+    """Every point of the plan: the full factorial of ``factors`` (x the random draws), plus ``fixed``."""
+    keys = list(plan.factors)
+    grid = [dict(zip(keys, combo)) for combo in itertools.product(*(plan.factors[k] for k in keys))]
+    draws = random_draws(plan.random) if plan.random else [{}]
+    return [{**draw, **point, **plan.fixed} for draw in draws for point in grid]
+
+
+def random_draws(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    rng = np.random.default_rng(spec.get("seed", 0))
+    draws = []
+    for _ in range(spec["n"]):
+        draw = {}
+        for key, dist in (spec.get("factors") or {}).items():
+            kind, (low, high) = next(iter(dist.items()))
+            if kind == "uniform":
+                value: Any = float(rng.uniform(low, high))
+            elif kind == "log_uniform":
+                value = float(math.exp(rng.uniform(math.log(low), math.log(high))))
+            else:
+                value = int(rng.integers(low, high + 1))
+            draw[key] = float(f"{value:.4g}") if isinstance(value, float) else value
+        draws.append(draw)
+    return draws
+
+
+def point_id(point: dict[str, Any]) -> str:
+    """A short stable name: a few readable factor values and a hash of all of them."""
+    digest = hashlib.sha1(json.dumps(point, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    readable = "_".join(str(point[k]) for k in ("arch", "fold") if k in point)
+    return f"{readable}_{digest}"
+
+
+def train_command(plan: Plan, point: dict[str, Any], out: Path) -> list[str]:
+    """The exact ``train`` command line of a point (what the container runs)."""
+    options = train_options()
+    cmd = [sys.executable, "-m", "python_task", "train", "--shards", str(plan.shards), "--splits", str(plan.splits),
+           "--out", str(out), "--quiet"]
+    for key, value in point.items():
+        flag = options[key].flag
+        if isinstance(value, bool):
+            if value:
+                cmd.append(flag)
+        elif isinstance(value, (list, tuple)):
+            cmd += [flag, ",".join(map(str, value))]
+        else:
+            cmd += [flag, str(value)]
+    return cmd
+
+
+@dataclass
+class PointResult:
+    point: dict[str, Any]
+    point_id: str
+    status: str
+    error: str
+    out_dir: str
+    metrics: dict[str, float]
+    wall_seconds: float
+
+    def row(self) -> dict[str, Any]:
+        train_s = self.metrics.get("train_seconds", float("nan"))
+        row: dict[str, Any] = {k: _csv_value(v) for k, v in self.point.items()}
+        row.update({m: self.metrics.get(m, float("nan")) for m in CONTRACT_METRICS})
+        row.update(status=self.status, error=self.error, point_id=self.point_id, out_dir=self.out_dir,
+                   wall_seconds=round(self.wall_seconds, 3),
+                   overhead_seconds=round(self.wall_seconds - train_s, 3) if self.status == "ok" else float("nan"))
+        return row
+
+
+def _csv_value(v: Any) -> Any:
+    return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v
+
+
+def run_point(plan: Plan, point: dict[str, Any], out_dir: Path, threads: int) -> PointResult:
+    pid = point_id(point)
+    folder = out_dir / "points" / pid
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / "point.json", point)
+    env = {**os.environ, "TF_NUM_INTRAOP_THREADS": str(threads), "TF_NUM_INTEROP_THREADS": "1",
+           "OMP_NUM_THREADS": str(threads), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    t0 = time.perf_counter()
+    with open(folder / "train.log", "w", encoding="utf-8") as log:
+        proc = subprocess.run(train_command(plan, point, folder), stdout=log, stderr=subprocess.STDOUT, env=env)
+    wall = time.perf_counter() - t0
+    rel = os.path.relpath(folder, out_dir)
+    metrics_file = folder / "metrics.json"
+    if proc.returncode == 0 and metrics_file.exists():
+        return PointResult(point, pid, "ok", "", rel, json.loads(metrics_file.read_text()), wall)
+    return PointResult(point, pid, "failed", _last_error(folder / "train.log", proc.returncode), rel, {}, wall)
+
+
+def _last_error(log: Path, code: int) -> str:
+    lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    text = errors[-1] if errors else (lines[-1] if lines else "")
+    return f"exit {code}: {text}"[:500]
+
+
+@dataclass
+class SweepReport:
+    results_csv: Path
+    rows: list[dict[str, Any]]
+    ran: int
+    skipped: int
+
+    @property
+    def failed(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r["status"] != "ok"]
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def run_sweep(plan_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, jobs: int = 1,
+              progress: bool = True) -> SweepReport:
+    """Run every unfinished point of a plan; returns the full results table."""
+    plan = load_plan(plan_path)
+    for path, what in ((plan.shards, "shards folder"), (plan.splits, "splits file")):
+        if not path.exists():
+            raise ConfigError(None, f"{what} {path} not found", path=plan.path)
+    if jobs < 1:
+        raise ConfigError("jobs", f"must be at least 1, got {jobs}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    points = expand_points(plan)
+    results_csv = out / "results.csv"
+    done = {r["point_id"]: r for r in read_results(results_csv) if r.get("status") == "ok"
+            and (out / r["out_dir"] / "metrics.json").exists()}
+    rows: dict[str, dict[str, Any]] = {pid: row for pid, row in done.items()}
+    todo = [p for p in points if point_id(p) not in done]
+    columns = plan.factor_names() + list(CONTRACT_METRICS) + list(BOOKKEEPING)
+    lock = threading.Lock()
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    if progress:
+        log.info("sweep %s: %d points, %d already done, %d to run, %d at a time", plan.path.name, len(points),
+                 len(done), len(todo), jobs)
+
+    def record(result: PointResult) -> None:
+        with lock:
+            rows[result.point_id] = result.row()
+            ordered = [rows[point_id(p)] for p in points if point_id(p) in rows]
+            write_csv_atomic(results_csv, ordered, fieldnames=columns)
+            if progress:
+                n = len(rows)
+                summary = (f"val_auc {result.metrics.get('val_auc', float('nan')):.3f}, patient AUC "
+                           f"{result.metrics.get('val_patient_auc', float('nan')):.3f}"
+                           if result.status == "ok" else result.error)
+                log.info("[%d/%d] %s: %s, %s (%.1f s)", n, len(points), result.point_id, result.status, summary,
+                         result.wall_seconds)
+
+    if jobs == 1:
+        for p in todo:
+            record(run_point(plan, p, out, threads))
+    else:
+        with cf.ThreadPoolExecutor(max_workers=jobs) as pool:
+            for fut in cf.as_completed([pool.submit(run_point, plan, p, out, threads) for p in todo]):
+                record(fut.result())
+    if not todo:
+        ordered = [rows[point_id(p)] for p in points if point_id(p) in rows]
+        if not results_csv.exists():
+            write_csv_atomic(results_csv, ordered, fieldnames=columns)
+    report = SweepReport(results_csv, [rows[point_id(p)] for p in points if point_id(p) in rows], len(todo),
+                         len(done))
+    if progress:
+        log.info("%d of %d points ok, %d failed; results: %s", len(report.rows) - len(report.failed), len(points),
+                 len(report.failed), results_csv)
+    return report

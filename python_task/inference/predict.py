@@ -1,0 +1,281 @@
+"""``predict``: a trained model over a whole slide -> a heat-map of the probability of malignancy.
+
+The model's ``config.json`` (written by ``train`` beside ``model.keras``) fixes the tile size, µm/px, stain
+normalisation and decision threshold, so inference sees tiles exactly as training did. Tiles are planned on the
+same origin-anchored grid as ``extract`` (every tissue tile, or only those inside ``annotations``), read in
+row order by a background thread while the model scores the previous batch, so memory is bounded by a few
+batches whatever the slide size.
+
+Outputs in ``out``: ``heatmap.png`` (colour map over a thumbnail, colour bar, annotation outlines),
+``probabilities.npy`` (float32 grid, NaN where no tile; its geometry is in ``slide.json``), ``tiles.geojson``
+(one QuPath detection per tile with a ``malignant_probability`` measurement: QuPath's measurement maps show it)
+and ``slide.json`` (slide score, predicted diagnosis, tile counts, per-region and per-class means).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from python_task.errors import ConfigError, SlideError, TaskError
+from python_task.fileio import atomic_path, write_json_atomic, write_text_atomic
+from python_task.shards.params import ExtractParams
+from python_task.training.checkpoints import load_model
+from python_task.training.metrics import top_fraction_mean
+from python_task.training.scoring import predict_padded
+from python_task.transforms.stain import normalizer_from_dict
+from python_task.wsi.annotations import Region, place_regions, read_annotations
+from python_task.wsi.labels import DEFAULT_CLASSES
+from python_task.wsi.slides import Slide, TileReader, open_slide, thumbnail
+from python_task.wsi.tiling import GridPlan, plan_grid
+
+PROBABILITY_KEY = "malignant_probability"
+TILING = ExtractParams()  # tissue and coverage thresholds, grid and reader default to extract's
+DEFAULT_THRESHOLD = 0.5  # for a model whose run recorded no usable threshold
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    """A trained model and the settings it was trained with."""
+
+    model: Any
+    tile_size: int
+    mpp: float
+    threshold: float
+    label_names: tuple[str, ...]
+    normalizer: Any
+    source: Path
+
+
+def load_bundle(model_path: str | os.PathLike[str]) -> ModelBundle:
+    """``model.keras`` and its ``config.json`` (and ``stain.json`` when training normalised stains)."""
+    path = Path(model_path)
+    if path.is_dir():
+        path = path / "model.keras"
+    if not path.exists():
+        raise TaskError(path, "model not found")
+    config_path = path.parent / "config.json"
+    if not config_path.exists():
+        raise TaskError(config_path, "missing: predict needs the config.json that train writes beside the model")
+    try:
+        config = json.loads(config_path.read_text())
+        resolved = config["resolved"]
+        tile_size, mpp = int(resolved["tile_size"]), float(resolved["mpp"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise TaskError(config_path, f"not a train config.json ({exc})") from None
+    threshold = _training_threshold(path.parent, resolved)
+    normalizer = None
+    if resolved.get("stain_file"):
+        normalizer = normalizer_from_dict(json.loads((path.parent / resolved["stain_file"]).read_text()))
+    try:
+        model = load_model(path, compile=False)
+    except Exception as exc:  # noqa: BLE001 - any loader failure is a bad model file for the user
+        raise TaskError(path, f"cannot load the model ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") \
+            from None
+    return ModelBundle(model, tile_size, mpp, threshold, tuple(resolved.get("label_names", DEFAULT_CLASSES)),
+                       normalizer, path)
+
+
+def _training_threshold(folder: Path, resolved: dict[str, Any]) -> float:
+    value = resolved.get("threshold")
+    if value is None and (folder / "metrics.json").exists():
+        value = json.loads((folder / "metrics.json").read_text()).get("threshold")
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return DEFAULT_THRESHOLD
+    return value if math.isfinite(value) else DEFAULT_THRESHOLD
+
+
+def _batches(reader: TileReader, coords: np.ndarray, batch_size: int, normalizer) -> Iterator[tuple[int, np.ndarray]]:
+    """Read tiles in a background thread, ``batch_size`` at a time, at most two batches ahead."""
+    q: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            T = reader.tile_size
+            for start in range(0, len(coords), batch_size):
+                if stop.is_set():
+                    return
+                chunk = coords[start:start + batch_size]
+                batch = np.empty((len(chunk), T, T, 3), np.uint8)
+                for k, (x, y) in enumerate(chunk):
+                    batch[k] = reader.read(int(x), int(y))
+                if normalizer is not None:
+                    batch, _ = normalizer.transform(batch)
+                q.put((start, batch))
+            q.put(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            q.put(exc)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(0.05)
+
+
+def score_tiles(bundle: ModelBundle, reader: TileReader, coords: np.ndarray, *, batch_size: int = 64,
+                progress: bool = True) -> np.ndarray:
+    """Probabilities for the tiles at ``coords``, read and normalised in a background thread."""
+    probs = np.empty(len(coords), np.float32)
+    bar = tqdm(total=len(coords), unit="tile", desc="predict", disable=None if progress else True, file=sys.stderr)
+    for start, batch in _batches(reader, coords, batch_size, bundle.normalizer):
+        probs[start:start + len(batch)] = predict_padded(bundle.model, batch.astype(np.float32), batch_size)
+        bar.update(len(batch))
+    bar.close()
+    return probs
+
+
+def probability_grid(plan: GridPlan, probs: np.ndarray) -> np.ndarray:
+    grid = np.full(plan.grid_shape, np.nan, np.float32)
+    if len(probs):
+        grid[plan.cells[:, 1], plan.cells[:, 0]] = probs
+    return grid
+
+
+def tiles_geojson(plan: GridPlan, probs: np.ndarray, threshold: float, label_names: Sequence[str]) -> dict:
+    """One QuPath detection per tile: its box in level-0 px, a class by threshold, the probability measurement."""
+    negative, positive = label_names[0], label_names[-1]
+    colors = {negative: [64, 160, 64], positive: [200, 40, 40]}
+    features = []
+    e = plan.extent
+    for (x, y), p in zip(plan.coords.tolist(), probs.tolist()):
+        x1, y1 = round(x + e, 2), round(y + e, 2)
+        name = positive if p >= threshold else negative
+        features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [
+            [[x, y], [x1, y], [x1, y1], [x, y1], [x, y]]]}, "properties": {
+            "objectType": "detection", "classification": {"name": name, "color": colors[name]},
+            "measurements": {PROBABILITY_KEY: round(float(p), 6)}}})
+    return {"type": "FeatureCollection", "features": features}
+
+
+def slide_summary(plan: GridPlan, probs: np.ndarray, bundle: ModelBundle, slide: Slide, reader: TileReader,
+                  regions: Sequence[Region] | None) -> dict[str, Any]:
+    threshold = bundle.threshold
+    score = float(np.mean(probs)) if len(probs) else float("nan")
+    summary: dict[str, Any] = {
+        "slide_path": str(slide.path), "model": str(bundle.source), "slide_score": score,
+        "slide_score_top10": top_fraction_mean(probs),
+        "fraction_malignant_tiles": float(np.mean(probs >= threshold)) if len(probs) else float("nan"),
+        "threshold": threshold,
+        "predicted_diagnosis": (bundle.label_names[-1] if score >= threshold else bundle.label_names[0])
+        if len(probs) else "unknown",
+        "n_tiles": int(len(probs)), "n_tiles_malignant": int(np.sum(probs >= threshold)),
+        "tile_size": reader.tile_size, "mpp": reader.mpp, "level": reader.level, "downsample": reader.downsample,
+        "grid": {"origin": [0, 0], "step": plan.step, "tile_extent": plan.extent, "shape": list(plan.grid_shape),
+                 "note": "probabilities.npy[row, col] is the tile whose level-0 top-left corner is "
+                         "(col * step, row * step); it covers tile_extent level-0 px"},
+        "slide_dimensions": list(slide.dimensions), "slide_mpp": slide.mpp,
+    }
+    if regions:
+        per_region, per_class = [], {}
+        for r in regions:
+            sel = plan.region == r.index
+            mean = float(np.mean(probs[sel])) if sel.any() else float("nan")
+            per_region.append({"index": r.index, "class": r.class_name, "n_tiles": int(sel.sum()),
+                               "mean_probability": mean})
+            per_class.setdefault(r.class_name, []).append(probs[sel])
+        summary["regions"] = per_region
+        summary["classes"] = {c: {"n_tiles": int(sum(len(a) for a in arrs)),
+                                  "mean_probability": float(np.mean(np.concatenate(arrs)))
+                                  if sum(len(a) for a in arrs) else float("nan")} for c, arrs in per_class.items()}
+    return summary
+
+
+def draw_heatmap(path: Path, slide: Slide, grid: np.ndarray, plan: GridPlan, regions: Sequence[Region] | None,
+                 title: str, threshold: float, max_size: int = 2048) -> None:
+    import matplotlib  # only for the figure: keeps matplotlib out of every other import
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    thumb, ds = thumbnail(slide, max_size)
+    h, w = thumb.shape[:2]
+    fig, ax = plt.subplots(figsize=(10, 10 * h / max(w, 1) + 0.6), dpi=120)
+    ax.imshow(thumb)
+    if grid.size:
+        extent = (0, grid.shape[1] * plan.step / ds, grid.shape[0] * plan.step / ds, 0)
+        masked = np.ma.masked_invalid(grid)
+        im = ax.imshow(masked, cmap="inferno", vmin=0, vmax=1, alpha=0.6, extent=extent, interpolation="nearest")
+        cbar = fig.colorbar(im, ax=ax, fraction=0.035, pad=0.02)
+        cbar.set_label("probability of malignancy")
+        cbar.ax.axhline(threshold, color="cyan", lw=1.5)
+    for r in regions or []:
+        for poly in getattr(r.geometry, "geoms", [r.geometry]):
+            x, y = poly.exterior.xy
+            ax.plot(np.asarray(x) / ds, np.asarray(y) / ds, color="deepskyblue", lw=1.2)
+    ax.set_xlim(0, w)
+    ax.set_ylim(h, 0)
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def predict_slide(model_path: str | os.PathLike[str], slide_path: str | os.PathLike[str],
+                  out_dir: str | os.PathLike[str], *, annotations: str | os.PathLike[str] | None = None,
+                  slide_mpp: float | None = None, batch_size: int = 64, min_tissue: float = TILING.min_tissue,
+                  min_coverage: float = TILING.min_coverage, stride: int | None = TILING.stride,
+                  offset: tuple[float, float] = TILING.offset, reader_name: str = TILING.reader,
+                  progress: bool = True) -> dict[str, Any]:
+    """Score every tissue tile (or every annotated tile) of a slide and write the four outputs."""
+    if batch_size < 1:
+        raise ConfigError("batch_size", f"must be at least 1, got {batch_size}")
+    t0 = time.perf_counter()
+    bundle = load_bundle(model_path)
+    out = Path(out_dir)
+    regions = None
+    with open_slide(slide_path, mpp=slide_mpp, reader=reader_name) as slide:
+        if annotations is not None:
+            regions = place_regions(read_annotations(annotations), *slide.dimensions, offset=offset,
+                                    path=annotations)
+        reader = TileReader(slide, bundle.mpp, bundle.tile_size)
+        plan = plan_grid(reader, regions=regions, min_tissue=min_tissue, min_coverage=min_coverage, stride=stride,
+                         tissue_mpp=TILING.tissue_mpp)
+        if len(plan.coords) == 0:
+            where = "inside the annotations" if regions else "on the slide"
+            raise SlideError(slide_path, f"no tissue tile {where} (min tissue {min_tissue}); nothing to predict")
+        probs = score_tiles(bundle, reader, plan.coords, batch_size=batch_size, progress=progress)
+        grid = probability_grid(plan, probs)
+        summary = slide_summary(plan, probs, bundle, slide, reader, regions)
+        summary["seconds"] = time.perf_counter() - t0
+        summary["tiles_per_second"] = len(probs) / summary["seconds"]
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / "probabilities.npy") as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, grid)
+        write_text_atomic(out / "tiles.geojson",
+                          json.dumps(tiles_geojson(plan, probs, bundle.threshold, bundle.label_names)))
+        title = (f"{Path(slide_path).name}: slide score {summary['slide_score']:.3f} -> "
+                 f"{summary['predicted_diagnosis']} (threshold {bundle.threshold:.3f})")
+        draw_heatmap(out / "heatmap.png", slide, grid, plan, regions, title, bundle.threshold)
+    write_json_atomic(out / "slide.json", summary)  # last: its presence means the outputs are complete
+    return summary

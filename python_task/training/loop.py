@@ -1,0 +1,311 @@
+"""``train``: one experiment point. Shards + a patient-level fold -> a trained model and its metrics.
+
+Outputs in ``out``: ``metrics.json`` (the contract's keys), ``model.keras`` (best epoch by validation AUC),
+``history.csv``, ``config.json`` (every resolved setting, library versions, the shards' manifest digest),
+``predictions.csv`` (validation tiles: slide, patient, coords, label, probability) and TensorBoard logs.
+
+Every epoch ends with a checkpoint (``checkpoint/``): the same command on the same folder resumes after the last
+finished epoch, so a cluster job killed at its wall time loses at most one epoch. A finished folder is not
+retrained. Everything is written under temporary names and renamed, so ``metrics.json`` exists only when the
+run is complete. Progress is logged (``logging``, when ``verbose``) with a tqdm bar per epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+from sklearn.metrics import roc_auc_score
+from sklearn.utils.class_weight import compute_class_weight
+from tqdm import tqdm
+
+from python_task.errors import TaskError
+from python_task.fileio import atomic_path, write_csv_atomic, write_json_atomic
+from python_task.runtime import accelerator_present, library_versions
+from python_task.training.checkpoints import (
+    CHECKPOINT_DIR,
+    TRAIN_WRAPPER,
+    RunState,
+    checkpoint_engine,
+    has_checkpoint,
+    inner_model,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+    save_model_atomic,
+)
+from python_task.training.config import TrainConfig, comparable_settings
+from python_task.training.inputs import STAIN_FILE, RunData, prepare_data
+from python_task.training.metrics import binary_cross_entropy, evaluation_metrics
+from python_task.training.models import build_model, count_params, unfreeze_backbone
+from python_task.training.scoring import predict_index
+from python_task.transforms.augment_layers import build_augmenter
+from python_task.transforms.augmentations import resolve_engine
+
+log = logging.getLogger(__name__)
+
+ADAMW_WEIGHT_DECAY = 1e-4  # AdamW's decay when weight_decay is 0 (AdamW without decay would be Adam)
+SGD_MOMENTUM = 0.9  # Nesterov momentum of sgd
+FINE_TUNE_LR_FACTOR = 0.1  # the learning rate is scaled by this when a frozen backbone is unfrozen
+HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_auc", "seconds"]
+PREDICTION_COLUMNS = ["slide_id", "patient_id", "x", "y", "label", "prob"]
+
+
+# --------------------------------------------------------------------------------------------- entry point
+
+def train(cfg: TrainConfig) -> dict[str, float]:
+    """Run (or resume, or recognise as finished) one training point; returns the metrics."""
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    done = _finished_metrics(cfg)
+    if done is not None:
+        if cfg.verbose:
+            log.info("%s: already complete (metrics.json present), nothing to do", cfg.out)
+        return done
+    t_start = time.perf_counter()
+    _check_resume_config(cfg)
+    policy = configure_backend(cfg.seed, cfg.mixed_precision)
+    ckpt = cfg.out / CHECKPOINT_DIR
+    resuming = has_checkpoint(ckpt)
+    state = RunState()
+    if resuming:
+        state, train_model = load_checkpoint(ckpt)
+        model = inner_model(train_model)
+        engine = checkpoint_engine(cfg, train_model)
+        if cfg.verbose:
+            log.info("resuming %s after epoch %d", cfg.out, state.epoch)
+    else:
+        # where augmentation runs, resolved once for the run: nothing runs (model) without augmentation
+        engine = resolve_engine(cfg.augment_on, accelerator_present()) if cfg.augmentations else "model"
+    data = prepare_data(cfg, state.epoch, engine)
+    if not resuming:
+        model, train_model = build_training_model(cfg, data.train_index.tile_size, engine)
+        compile_model(train_model, cfg, cfg.lr)
+        write_json_atomic(cfg.out / "run_config.json", cfg.to_json())
+    if cfg.verbose:
+        log.info("train %s fold %d: %d training tiles %s, %d validation tiles %s, %s", cfg.arch, cfg.fold,
+                 len(data.train_index), data.train_index.class_counts(), len(data.val_index),
+                 data.val_index.class_counts(), policy)
+    state = run_epochs(cfg, model, train_model, data, state, ckpt)
+    metrics = finish_run(cfg, data, state, policy, t_start, engine)
+    shutil.rmtree(ckpt, ignore_errors=True)  # model.keras is the best checkpoint; the rest is no longer needed
+    if cfg.verbose:
+        log.info("val_auc %.4f, slide AUC %.4f, patient AUC %.4f; outputs in %s", metrics["val_auc"],
+                 metrics["val_slide_auc"], metrics["val_patient_auc"], cfg.out)
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------- model
+
+def configure_backend(seed: int, mixed_precision: str) -> str:
+    """Seed everything and pick the precision policy; returns the policy name."""
+    keras.utils.set_random_seed(seed)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf  # the backend in use: only imported when it is TensorFlow
+
+        tf.config.experimental.enable_op_determinism()
+    use_mixed = mixed_precision == "on" or (mixed_precision == "auto" and accelerator_present())
+    policy = "mixed_float16" if use_mixed else "float32"
+    keras.mixed_precision.set_global_policy(policy)
+    return policy
+
+
+def build_training_model(cfg: TrainConfig, tile_size: int, engine: str = "model"):
+    """The saved model (resize + normalisation + backbone + head) and the training wrapper with augmentation
+    (the model itself when there is no augmentation or when it runs in the input pipeline, ``engine``
+    ``pipeline``)."""
+    size = cfg.input_size or tile_size
+    core = build_model(cfg.arch, size, dropout=cfg.dropout, weights=cfg.weights,
+                       freeze_backbone=cfg.freeze_backbone, base_filters=cfg.base_filters, seed=cfg.seed)
+    if size != tile_size:
+        inputs = keras.Input((tile_size, tile_size, 3), name="tile")
+        x = keras.layers.Resizing(size, size, interpolation="bilinear", name="resize")(inputs)
+        model = keras.Model(inputs, core(x), name=f"{cfg.arch}_{size}")
+    else:
+        model = core
+    if engine == "pipeline":
+        return model, model
+    augmenter = build_augmenter(cfg.augmentations, seed=cfg.seed, options=cfg.augment_settings)
+    if augmenter is None:
+        return model, model
+    train_model = keras.Sequential([keras.Input((tile_size, tile_size, 3)), augmenter, model], name=TRAIN_WRAPPER)
+    return model, train_model
+
+
+def make_optimizer(cfg: TrainConfig, lr: float):
+    if cfg.optimizer == "adamw":
+        return keras.optimizers.AdamW(learning_rate=lr, weight_decay=cfg.weight_decay or ADAMW_WEIGHT_DECAY)
+    if cfg.optimizer == "sgd":
+        return keras.optimizers.SGD(learning_rate=lr, momentum=SGD_MOMENTUM, nesterov=True,
+                                    weight_decay=cfg.weight_decay or None)
+    return keras.optimizers.Adam(learning_rate=lr, weight_decay=cfg.weight_decay or None)
+
+
+def compile_model(train_model, cfg: TrainConfig, lr: float) -> None:
+    train_model.compile(optimizer=make_optimizer(cfg, lr), loss=keras.losses.BinaryCrossentropy(),
+                        metrics=[keras.metrics.BinaryAccuracy(name="accuracy")], jit_compile="auto")
+
+
+# --------------------------------------------------------------------------------------------- epochs
+
+class EpochProgress:
+    """A tqdm bar per epoch on stderr, driven by a Keras callback."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def callback(self, epoch: int, epochs: int, steps: int):
+        enabled = self.enabled
+
+        class _Bar(keras.callbacks.Callback):
+            def on_train_begin(self, logs=None):
+                self.bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False,
+                                file=sys.stderr, disable=None if enabled else True)
+
+            def on_train_batch_end(self, batch, logs=None):
+                self.bar.update(1)
+                if logs and "loss" in logs:
+                    self.bar.set_postfix(loss=f"{float(logs['loss']):.4f}", refresh=False)
+
+            def on_train_end(self, logs=None):
+                self.bar.close()
+
+        return _Bar()
+
+
+def run_epochs(cfg: TrainConfig, model, train_model, data: RunData, state: RunState, ckpt: Path) -> RunState:
+    progress = EpochProgress(cfg.verbose)
+    class_weight = _class_weight(data.train_index.labels) if cfg.class_weights else None
+    val_y = data.val_index.labels.astype(np.float64)
+    tb = _tensorboard_writer(cfg)
+    while state.epoch < cfg.epochs and not state.stopped_early:
+        epoch = state.epoch
+        if cfg.unfreeze_at and epoch == cfg.unfreeze_at and cfg.freeze_backbone:
+            # fine-tune the backbone; batch-norm layers stay in inference mode (small batches would wreck them)
+            unfreeze_backbone(model, keep_batchnorm_frozen=True)
+            compile_model(train_model, cfg, cfg.lr * FINE_TUNE_LR_FACTOR)
+        t0 = time.perf_counter()
+        data.train_batches.set_epoch(epoch)
+        hist = train_model.fit(data.train_batches, epochs=1, verbose=0, class_weight=class_weight, shuffle=False,
+                               callbacks=[progress.callback(epoch, cfg.epochs, len(data.train_batches))])
+        loss = float(hist.history["loss"][-1])
+        if not math.isfinite(loss):
+            raise TaskError(cfg.out, f"training loss became {loss} at epoch {epoch + 1}: lower `lr` "
+                            f"(now {cfg.lr}) or check the tiles")
+        prob = predict_index(model, data.val_batches)
+        val_auc = float(roc_auc_score(val_y, prob)) if len(np.unique(val_y)) == 2 else float("nan")
+        seconds = time.perf_counter() - t0
+        row = {"epoch": epoch + 1, "loss": loss, "accuracy": float(hist.history.get("accuracy", [np.nan])[-1]),
+               "val_loss": binary_cross_entropy(val_y, prob), "val_auc": val_auc, "seconds": seconds}
+        state.history.append(row)
+        state.train_seconds += seconds
+        improved = val_auc > state.best_auc or (state.best_epoch < 0)
+        if improved:
+            state.best_auc, state.best_epoch, state.wait = (val_auc if math.isfinite(val_auc) else -math.inf,
+                                                            epoch + 1, 0)
+        else:
+            state.wait += 1
+            if cfg.patience and state.wait >= cfg.patience:
+                state.stopped_early = True
+        state.epoch = epoch + 1
+        if improved:  # the best model's validation predictions: finish_run reuses them instead of predicting again
+            with atomic_path(ckpt / f"val_prob_epoch{epoch + 1}.npy") as tmp, open(tmp, "wb") as fh:
+                np.save(fh, prob)
+        save_checkpoint(ckpt, model, train_model, state, best=improved)
+        if tb is not None:
+            tb(epoch + 1, row)
+        if cfg.verbose:
+            log.info("epoch %d/%d: loss %.4f, val_loss %.4f, val_auc %.4f (%.1f s)%s", epoch + 1, cfg.epochs, loss,
+                     row["val_loss"], val_auc, seconds, " *" if improved else "")
+    return state
+
+
+def _class_weight(labels: np.ndarray) -> dict[int, float]:
+    classes = np.unique(labels)
+    weights = compute_class_weight("balanced", classes=classes, y=labels)
+    return {int(c): float(w) for c, w in zip(classes, weights)}
+
+
+def _tensorboard_writer(cfg: TrainConfig):
+    """Scalar logs for TensorBoard when TensorFlow is importable (any backend); None otherwise."""
+    if not cfg.tensorboard:
+        return None
+    try:
+        import tensorflow as tf  # optional: the logs need TensorFlow, whatever the backend
+    except ImportError:
+        return None
+    writer = tf.summary.create_file_writer(str(cfg.out / "tensorboard"))
+
+    def log_row(step: int, row: dict[str, float]) -> None:
+        with writer.as_default():
+            for key, value in row.items():
+                if key != "epoch" and math.isfinite(value):
+                    tf.summary.scalar(key, value, step=step)
+        writer.flush()
+
+    return log_row
+
+
+# --------------------------------------------------------------------------------------------- outputs
+
+def write_predictions(path: Path, index, prob: np.ndarray) -> None:
+    rows = [{"slide_id": s, "patient_id": p, "x": int(c[0]), "y": int(c[1]), "label": int(y), "prob": float(q)}
+            for s, p, c, y, q in zip(index.slide_ids, index.patient_ids, index.coords, index.labels, prob)]
+    write_csv_atomic(path, rows, fieldnames=PREDICTION_COLUMNS)
+
+
+def finish_run(cfg: TrainConfig, data: RunData, state: RunState, policy: str, t_start: float,
+               engine: str) -> dict[str, float]:
+    best = load_model(cfg.out / CHECKPOINT_DIR / "best.keras", compile=False)
+    saved_prob = cfg.out / CHECKPOINT_DIR / f"val_prob_epoch{state.best_epoch}.npy"
+    prob = np.load(saved_prob) if saved_prob.exists() else predict_index(best, data.val_batches)
+    if len(prob) != len(data.val_index):
+        prob = predict_index(best, data.val_batches)
+    y = data.val_index.labels
+    metrics = evaluation_metrics(y, prob, data.val_index.slide_ids, data.val_index.patient_ids, loss=binary_cross_entropy(y, prob))
+    metrics.update(train_seconds=float(state.train_seconds), epochs_run=float(state.epoch),
+                   best_epoch=float(state.best_epoch), n_train_tiles=float(len(data.train_index)),
+                   n_val_tiles=float(len(data.val_index)), n_params=float(count_params(best)),
+                   wall_seconds=float(time.perf_counter() - t_start))
+    if data.normalizer is not None:
+        metrics["stain_passthrough_fraction"] = float(data.passthrough_fraction())
+    save_model_atomic(best, cfg.out / "model.keras")
+    write_predictions(cfg.out / "predictions.csv", data.val_index, prob)
+    write_csv_atomic(cfg.out / "history.csv", state.history, fieldnames=HISTORY_COLUMNS)
+    config = {**cfg.to_json(), "resolved": {
+        "tile_size": data.train_index.tile_size, "label_names": list(data.train_index.label_names),
+        "mpp": data.train_index.shards[0].mpp, "precision_policy": policy,
+        "input_size": cfg.input_size or data.train_index.tile_size,
+        "train_slides": sorted(set(data.train_index.slide_ids)), "val_slides": sorted(set(data.val_index.slide_ids)),
+        "train_class_counts": data.train_index.class_counts(), "val_class_counts": data.val_index.class_counts(),
+        "manifest_digest": data.manifest_digest, "threshold": metrics["threshold"],
+        "stain_file": STAIN_FILE if data.normalizer is not None else None,
+        "stopped_early": state.stopped_early,
+        "augment_on": engine if cfg.augmentations else None}, "versions": library_versions()}
+    write_json_atomic(cfg.out / "config.json", config)
+    write_json_atomic(cfg.out / "metrics.json", metrics)  # last: its presence means the run is complete
+    return metrics
+
+
+def _finished_metrics(cfg: TrainConfig) -> dict[str, float] | None:
+    metrics = cfg.out / "metrics.json"
+    config = cfg.out / "config.json"
+    if not (metrics.exists() and config.exists()):
+        return None
+    saved = json.loads(config.read_text())
+    if comparable_settings(saved) != cfg.comparable():
+        raise TaskError(cfg.out, "holds a finished run with other settings; choose another `out`")
+    return json.loads(metrics.read_text())
+
+
+def _check_resume_config(cfg: TrainConfig) -> None:
+    path = cfg.out / "run_config.json"
+    if path.exists() and comparable_settings(json.loads(path.read_text())) != cfg.comparable():
+        raise TaskError(cfg.out, "holds a checkpoint of a run with other settings; choose another `out` "
+                        "or delete the folder")

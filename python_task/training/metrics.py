@@ -1,0 +1,204 @@
+"""Tile-, slide- and patient-level metrics (scikit-learn underneath), and the decision threshold.
+
+Every function returns plain Python floats (never numpy scalars, so ``json.dump`` works) and gives NaN, never an
+exception, when a metric is undefined: one class only, empty input, non-finite probabilities. Labels must be 0/1;
+the positive class is label 1 (malignant); a tile is called malignant when ``prob >= threshold``.
+
+Definitions where a choice was needed:
+
+* ``val_balanced_accuracy`` = (sensitivity + specificity) / 2: NaN unless both classes are present.
+* ``val_f1``: F1 of the positive class; NaN when it is 0/0 (no positive tile and no positive call).
+* ``val_loss``: binary cross-entropy (``sklearn.metrics.log_loss``) on probabilities clipped to [1e-7, 1 - 1e-7],
+  Keras' epsilon, unless the caller passes its own ``loss``.
+* Slide/patient level: a group's score aggregates its tile probabilities (``mean`` by default, ``median``, or
+  ``top10`` = mean of its highest ceil(10 %) tiles); its label is the maximum tile label (malignant if any tile is).
+  Group accuracy compares the score, at the tile threshold, with that label.
+* :func:`choose_threshold`: the ROC cut-off maximising Youden's J (TPR - FPR), moved half-way down to the next
+  lower score, so it separates the two scores around it instead of sitting on one of them; 0.5 when undefined.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+NAN = float("nan")
+AGGREGATIONS = ("mean", "median", "top10")
+TOP_FRACTION = 0.1  # ``top10``: a group's score is the mean of its highest 10 % of tile probabilities
+PROB_EPSILON = 1e-7
+TILE_KEYS = ("val_auc", "val_accuracy", "val_balanced_accuracy", "val_sensitivity", "val_specificity", "val_f1",
+             "val_loss")
+# The contract's metrics (``metrics.json`` of every run, the metric columns of ``results.csv``), in order: what
+# OpenMOLE parses into Vals of the same names and what the report ranks by.
+CONTRACT_METRICS = (*TILE_KEYS, "val_slide_auc", "val_patient_auc", "threshold", "train_seconds", "epochs_run",
+                    "n_train_tiles", "n_val_tiles", "n_params")
+
+
+def _arrays(y_true, prob) -> tuple[np.ndarray, np.ndarray]:
+    """Labels as int64 0/1 and probabilities as float64, both 1-D and of the same length (ValueError otherwise)."""
+    y_raw = np.asarray(y_true).reshape(-1)
+    p = np.asarray(prob, dtype=np.float64).reshape(-1)
+    if y_raw.shape != p.shape:
+        raise ValueError(f"{len(y_raw)} labels but {len(p)} probabilities")
+    if y_raw.size and not np.isin(y_raw, (0, 1)).all():
+        raise ValueError(f"labels must be 0 (benign) or 1 (malignant), got {sorted(set(np.unique(y_raw).tolist()))}")
+    return y_raw.astype(np.int64), p
+
+
+def _defined(y: np.ndarray, p: np.ndarray) -> bool:
+    """Both classes present and every probability finite: what ranking metrics and thresholds need."""
+    return bool(len(np.unique(y)) == 2 and np.isfinite(p).all())
+
+
+def auc(y_true, prob) -> float:
+    """ROC AUC (sklearn ``roc_auc_score``); NaN with one class, no input or non-finite probabilities."""
+    from sklearn.metrics import roc_auc_score
+
+    y, p = _arrays(y_true, prob)
+    return float(roc_auc_score(y, p)) if _defined(y, p) else NAN
+
+
+def choose_threshold(y_true, prob) -> float:
+    """Decision threshold maximising Youden's J (sensitivity + specificity - 1) on the ROC (sklearn ``roc_curve``).
+
+    The best ROC cut-off ``t`` (highest one among ties) is moved half-way to the next lower probability, so
+    ``prob >= threshold`` calls exactly the same tiles as ``prob >= t`` on these data but the threshold lies between
+    the two classes' scores. 0.5 when only one class is present, the input is empty or not finite.
+    """
+    from sklearn.metrics import roc_curve
+
+    y, p = _arrays(y_true, prob)
+    if not _defined(y, p):
+        return 0.5
+    fpr, tpr, thresholds = roc_curve(y, p, drop_intermediate=False)
+    n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
+    # J * n_pos * n_neg in exact integers, so equal J values tie exactly (float TPR - FPR would not)
+    j = np.rint(tpr * n_pos).astype(np.int64) * n_neg - np.rint(fpr * n_neg).astype(np.int64) * n_pos
+    j = np.where(np.isfinite(thresholds), j, np.iinfo(np.int64).min)  # the first cut-off, +inf, calls nothing
+    t = float(thresholds[int(np.argmax(j))])
+    below = p[p < t]
+    return float((t + below.max()) / 2) if below.size else t
+
+
+def _confusion(y: np.ndarray, pred: np.ndarray) -> tuple[int, int, int, int]:
+    from sklearn.metrics import confusion_matrix
+
+    tn, fp, fn, tp = confusion_matrix(y, pred, labels=[0, 1]).ravel()
+    return int(tn), int(fp), int(fn), int(tp)
+
+
+def _ratio(num: float, den: float) -> float:
+    return float(num / den) if den else NAN
+
+
+def tile_metrics(y_true, prob, threshold: float, loss: float | None = None) -> dict[str, float]:
+    """Tile-level validation metrics at ``threshold``: the ``val_*`` keys of the metrics contract.
+
+    ``loss``: the caller's validation loss; when None, binary cross-entropy of ``prob`` (sklearn ``log_loss``).
+    """
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, log_loss
+
+    y, p = _arrays(y_true, prob)
+    if len(y) == 0:
+        return {k: NAN for k in TILE_KEYS} | ({"val_loss": float(loss)} if loss is not None else {})
+    finite = bool(np.isfinite(p).all())
+    pred = (p >= threshold).astype(np.int64)
+    tn, fp, fn, tp = _confusion(y, pred)
+    both = tp + fn > 0 and tn + fp > 0
+    if loss is None:
+        loss = (float(log_loss(y, np.clip(p, PROB_EPSILON, 1 - PROB_EPSILON), labels=[0, 1])) if finite else NAN)
+    out = {
+        "val_auc": auc(y, p),
+        "val_accuracy": float(accuracy_score(y, pred)) if finite else NAN,
+        "val_balanced_accuracy": float(balanced_accuracy_score(y, pred)) if both and finite else NAN,
+        "val_sensitivity": _ratio(tp, tp + fn) if finite else NAN,
+        "val_specificity": _ratio(tn, tn + fp) if finite else NAN,
+        "val_f1": float(f1_score(y, pred, pos_label=1, zero_division=np.nan)) if finite else NAN,
+        "val_loss": float(loss),
+    }
+    return {k: float(v) for k, v in out.items()}
+
+
+def aggregate(prob, y_true, groups, how: str = "mean") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per group (slide or patient): sorted unique ids, score and label (1 if any of its tiles is malignant).
+
+    ``how``: ``mean`` tile probability, ``median``, or ``top10`` (mean of the highest ceil(10 %) tiles, at least
+    one). A group with a non-finite probability gets a NaN score. Empty input gives three empty arrays.
+    """
+    if how not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {how!r}; choose from {', '.join(AGGREGATIONS)}")
+    y, p = _arrays(y_true, prob)
+    g = np.asarray(groups).reshape(-1)
+    if g.shape != p.shape:
+        raise ValueError(f"{len(g)} group ids but {len(p)} probabilities")
+    if len(g) == 0:
+        return g.copy(), np.empty(0), np.empty(0, dtype=np.int64)
+    ids, inverse = np.unique(g, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    counts = np.bincount(inverse, minlength=len(ids))
+    labels = np.zeros(len(ids), dtype=np.int64)
+    np.maximum.at(labels, inverse, y)
+    if how == "mean":
+        scores = np.bincount(inverse, weights=p, minlength=len(ids)) / counts
+    else:
+        order = np.lexsort((p, inverse))  # by group, then probability ascending (NaN last)
+        ends = np.cumsum(counts)
+        scores = np.empty(len(ids))
+        for k, (start, end) in enumerate(zip(ends - counts, ends)):
+            vals = p[order[start:end]]
+            if not np.isfinite(vals).all():
+                scores[k] = NAN
+            elif how == "median":
+                scores[k] = np.median(vals)
+            else:
+                scores[k] = top_fraction_mean(vals)
+    return ids, scores.astype(np.float64), labels
+
+
+def top_fraction_mean(values, fraction: float = TOP_FRACTION) -> float:
+    """Mean of the highest ceil(``fraction`` of the) values, at least one; NaN when there is none."""
+    v = np.sort(np.asarray(values, dtype=np.float64).reshape(-1))
+    if v.size == 0:
+        return NAN
+    return float(v[-max(1, math.ceil(fraction * len(v))):].mean())
+
+
+def binary_cross_entropy(y_true, prob) -> float:
+    """Mean binary cross-entropy of probabilities clipped to [``PROB_EPSILON``, 1 - ``PROB_EPSILON``] (Keras'
+    epsilon); NaN for no input. The per-epoch validation loss of training."""
+    y = np.asarray(y_true, dtype=np.float64)
+    p = np.clip(np.asarray(prob, dtype=np.float64), PROB_EPSILON, 1 - PROB_EPSILON)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))) if len(y) else NAN
+
+
+def group_auc(y_true, prob, groups, how: str = "mean") -> float:
+    """ROC AUC over groups (slides or patients) of their aggregated scores; NaN when undefined."""
+    _, scores, labels = aggregate(prob, y_true, groups, how)
+    return auc(labels, scores)
+
+
+def group_accuracy(y_true, prob, groups, threshold: float, how: str = "mean") -> float:
+    """Fraction of groups whose aggregated score, at ``threshold``, matches their label; NaN when undefined."""
+    _, scores, labels = aggregate(prob, y_true, groups, how)
+    if len(scores) == 0 or not np.isfinite(scores).all():
+        return NAN
+    return float(np.mean((scores >= threshold).astype(np.int64) == labels))
+
+
+def evaluation_metrics(y_true, prob, slide_ids: Sequence[str], patient_ids: Sequence[str],
+                       threshold: float | None = None, loss: float | None = None) -> dict[str, float]:
+    """Tile metrics plus ``val_slide_auc``, ``val_patient_auc``, ``val_slide_accuracy``, ``val_patient_accuracy``
+    (mean tile probability per group) and ``threshold``.
+
+    ``threshold`` defaults to :func:`choose_threshold` on these same (validation) predictions, so the thresholded
+    metrics are optimistic for that fold; pass a threshold chosen elsewhere for an unbiased estimate. The AUCs do
+    not depend on it.
+    """
+    t = choose_threshold(y_true, prob) if threshold is None else float(threshold)
+    out = tile_metrics(y_true, prob, t, loss)
+    out.update(val_slide_auc=group_auc(y_true, prob, slide_ids), val_patient_auc=group_auc(y_true, prob, patient_ids),
+               val_slide_accuracy=group_accuracy(y_true, prob, slide_ids, t),
+               val_patient_accuracy=group_accuracy(y_true, prob, patient_ids, t), threshold=t)
+    return {k: float(v) for k, v in out.items()}

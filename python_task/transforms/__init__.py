@@ -1,0 +1,1 @@
+"""Per-tile transforms: stain normalisation, augmentation (Keras layers and OpenCV pipeline), and their preview."""

@@ -1,0 +1,553 @@
+"""Pathologists' annotation files to shapely geometries in level-0 pixel coordinates.
+
+Three formats are read, recognised from the file's content (never its name):
+
+* QuPath GeoJSON: a ``FeatureCollection``, a bare JSON array of Features, or a single Feature.
+* ASAP XML (``<ASAP_Annotations>``), as written by ASAP and the CAMELYON challenges.
+* Aperio ImageScope XML (``<Annotations>`` of layers of ``<Region>``), usually without an ``<?xml?>`` line.
+
+Every polygon is repaired (:func:`shapely.make_valid`, polygonal parts only); empty or zero-area shapes, points
+and lines are skipped. Exclusions (ASAP exclusion groups, ImageScope ``NegativeROA`` regions) are subtracted
+from the positive regions they overlap and are not returned themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import shapely
+from shapely import affinity
+from shapely.geometry import MultiPolygon, Point, Polygon, box
+from shapely.geometry.base import BaseGeometry
+
+from python_task.errors import AnnotationError
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("qupath", "asap", "imagescope")
+_NOT_ANNOTATIONS = "not a QuPath GeoJSON, ASAP XML or Aperio ImageScope XML file"
+
+# ASAP group names that mark areas to cut out of the positive annotations (compared casefolded). CAMELYON16
+# puts tumour in groups "_0"/"_1" and non-tumour areas inside them in "_2".
+EXCLUSION_GROUPS = frozenset({"negative", "exclusion", "exclusions", "exclude", "excluded", "trash", "_2"})
+_ASAP_AREA_TYPES = frozenset({"polygon", "rectangle", "spline"})
+# QuPath object types that are machine output, not a pathologist's annotation.
+_QUPATH_SKIPPED_OBJECTS = frozenset({"detection", "cell", "tile"})
+
+
+@dataclass(frozen=True)
+class Region:
+    """One annotated area.
+
+    ``index`` is the region's position among those :func:`read_annotations` returned (file order); it is
+    kept unchanged by :func:`translate_regions` and :func:`clip_regions` so it always points back to the file.
+    """
+
+    index: int
+    class_name: str
+    geometry: BaseGeometry
+    source_format: str
+    name: str | None = None
+    color: tuple[int, int, int] | None = None
+
+    def describe(self) -> str:
+        """``region 3 (Tumor)``: how messages refer to this region."""
+        label = self.class_name or self.name or ""
+        return f"region {self.index} ({label})" if label else f"region {self.index}"
+
+
+class _Invalid(Exception):
+    """A malformed element inside a file; turned into a :class:`AnnotationError` naming the file."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def detect_format(path: str | Path) -> str:
+    """Return ``'qupath'``, ``'asap'`` or ``'imagescope'`` from the file's content; AnnotationError otherwise."""
+    return _load(Path(path))[0]
+
+
+def read_annotations(path: str | Path, *, include_detections: bool = False) -> list[Region]:
+    """Read every polygonal annotation in ``path`` (format detected from content), repaired and non-empty.
+
+    QuPath detections (``objectType`` detection/cell/tile: machine output such as ``predict``'s tiles) are
+    skipped unless ``include_detections``.
+
+    Raises :class:`AnnotationError` naming the file when it is missing, unreadable, of another format, malformed,
+    or holds no polygonal annotation at all.
+    """
+    path = Path(path)
+    fmt, content = _load(path)
+    try:
+        if fmt == "qupath":
+            shapes = list(_parse_qupath(content, include_detections=include_detections))
+        elif fmt == "asap":
+            shapes = _parse_asap(content)
+        else:
+            shapes = _parse_imagescope(content)
+    except _Invalid as exc:
+        raise AnnotationError(path, str(exc)) from None
+    regions = [Region(index=i, class_name=cls, geometry=geom, source_format=fmt, name=name, color=color)
+               for i, (cls, geom, name, color) in enumerate(shapes)]
+    if not regions:
+        raise AnnotationError(path, f"no polygon annotation found in this {_FORMAT_NAMES[fmt]} file "
+                              "(points, lines and zero-area shapes are ignored)")
+    return regions
+
+
+def translate_regions(regions: Sequence[Region], dx: float, dy: float) -> list[Region]:
+    """Shift every region by ``(dx, dy)`` pixels, e.g. ``(-x0, -y0)`` to pair a whole-slide annotation
+    with a crop whose origin is at level-0 ``(x0, y0)``."""
+    return [dataclasses.replace(r, geometry=affinity.translate(r.geometry, xoff=dx, yoff=dy)) for r in regions]
+
+
+def scale_regions(regions: Sequence[Region], factor: float) -> list[Region]:
+    """Multiply every coordinate by ``factor`` (about the origin), e.g. to move annotations between scans."""
+    return [dataclasses.replace(r, geometry=affinity.scale(r.geometry, factor, factor, origin=(0, 0)))
+            for r in regions]
+
+
+def clip_regions(regions: Sequence[Region], width: int, height: int,
+                 path: str | Path | None = None) -> tuple[list[Region], list[str]]:
+    """Clip regions to the slide ``[0, width] x [0, height]``.
+
+    Returns the regions that keep some area (indices unchanged) and one warning per region clipped or
+    dropped. Raises ``AnnotationError(path, ...)`` when every region lies outside the slide.
+    """
+    bounds = box(0, 0, width, height)
+    size = f"{width}x{height}"
+    kept: list[Region] = []
+    warnings: list[str] = []
+    for region in regions:
+        if bounds.contains(region.geometry):
+            kept.append(region)
+            continue
+        clipped = _polygonal(region.geometry.intersection(bounds))
+        if clipped.is_empty:
+            warnings.append(f"{region.describe()} lies outside the slide ({size}): dropped")
+        else:
+            warnings.append(f"{region.describe()} lies partly outside the slide ({size}): clipped")
+            kept.append(dataclasses.replace(region, geometry=clipped))
+    if regions and not kept:
+        raise AnnotationError(path, f"every region lies outside the slide ({size})")
+    return kept, warnings
+
+
+def place_regions(regions: Sequence[Region], width: int, height: int, *, offset: tuple[float, float] = (0.0, 0.0),
+                  path: str | Path | None = None) -> list[Region]:
+    """The regions as they lie on a slide of ``width`` x ``height`` level-0 px: shifted by ``offset`` (annotations
+    drawn on a parent slide), then clipped to the slide, with a logged warning per region clipped or dropped.
+    Raises ``AnnotationError(path, ...)`` when every region lies outside the slide."""
+    if tuple(offset) != (0.0, 0.0):
+        regions = translate_regions(regions, *offset)
+    kept, warnings = clip_regions(regions, width, height, path=path)
+    for warning in warnings:
+        log.warning("%s: %s", path, warning)
+    return kept
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading and format detection
+
+_FORMAT_NAMES = {"qupath": "QuPath GeoJSON", "asap": "ASAP XML", "imagescope": "Aperio ImageScope XML"}
+
+
+def _load(path: Path) -> tuple[str, Any]:
+    """Read ``path`` and return its format with the parsed document (JSON object or XML root element)."""
+    data = _read_bytes(path)
+    head = data[3:] if data.startswith(b"\xef\xbb\xbf") else data
+    head = head.lstrip()
+    if not head:
+        raise AnnotationError(path, "empty file")
+    first = head[:1]
+    if first in (b"{", b"["):
+        return "qupath", _load_geojson(path, data)
+    if first == b"<":
+        root = _load_xml(path, data)
+        tag = _local(root.tag)
+        if tag == "ASAP_Annotations":
+            return "asap", root
+        if tag == "Annotations" and all(_local(child.tag) == "Annotation" for child in root):
+            return "imagescope", root
+        raise AnnotationError(path, f"{_NOT_ANNOTATIONS} (XML root element <{tag}>)")
+    raise AnnotationError(path, f"{_NOT_ANNOTATIONS} (neither JSON nor XML)")
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise AnnotationError(path, "file not found") from None
+    except IsADirectoryError:
+        raise AnnotationError(path, "is a directory, not an annotation file") from None
+    except OSError as exc:
+        raise AnnotationError(path, f"cannot read: {exc.strerror or exc}") from None
+
+
+def _load_geojson(path: Path, data: bytes) -> Any:
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise AnnotationError(path, f"{_NOT_ANNOTATIONS} (invalid JSON: {exc})") from None
+    if not _looks_like_geojson(doc):
+        raise AnnotationError(path, f"{_NOT_ANNOTATIONS} (JSON without GeoJSON features)")
+    return doc
+
+
+def _looks_like_geojson(doc: Any) -> bool:
+    if isinstance(doc, list):
+        return all(isinstance(f, dict) and ("geometry" in f or f.get("type") == "Feature") for f in doc)
+    if isinstance(doc, dict):
+        return doc.get("type") in ("FeatureCollection", "Feature", "Polygon", "MultiPolygon",
+                                   "GeometryCollection") or "features" in doc
+    return False
+
+
+def _load_xml(path: Path, data: bytes) -> ET.Element:
+    try:
+        return ET.fromstring(data)
+    except ET.ParseError as exc:
+        raise AnnotationError(path, f"{_NOT_ANNOTATIONS} (malformed XML: {exc})") from None
+
+
+def _local(tag: Any) -> str:
+    """Tag name without an XML namespace (``{ns}Region`` -> ``Region``)."""
+    return tag.rsplit("}", 1)[-1] if isinstance(tag, str) else ""
+
+
+def _children(element: ET.Element, name: str) -> Iterator[ET.Element]:
+    return (child for child in element if _local(child.tag) == name)
+
+
+def _child(element: ET.Element, name: str) -> ET.Element | None:
+    return next(_children(element, name), None)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Geometry helpers
+
+_Shape = tuple[str, BaseGeometry, str | None, tuple[int, int, int] | None]  # class, geometry, name, colour
+
+
+def _polygonal(geom: BaseGeometry) -> BaseGeometry:
+    """Repair ``geom`` and keep only its polygonal parts: a valid Polygon or MultiPolygon, or an empty Polygon."""
+    if geom.is_empty:
+        return Polygon()
+    if not geom.is_valid:
+        geom = shapely.make_valid(geom)
+    if isinstance(geom, Polygon | MultiPolygon):
+        return geom if geom.area > 0 else Polygon()
+    parts = [p for p in shapely.get_parts(geom) if isinstance(p, Polygon | MultiPolygon) and p.area > 0]
+    if not parts:
+        return Polygon()
+    merged = shapely.unary_union(parts)
+    return merged if isinstance(merged, Polygon | MultiPolygon) else _polygonal(merged)
+
+
+def _ring(points: Iterable[Any], where: str) -> list[tuple[float, float]]:
+    """Coordinates as ``(x, y)`` floats; raises :class:`_Invalid` for anything that is not a number."""
+    ring = []
+    for point in points:
+        try:
+            x, y = float(point[0]), float(point[1])
+        except (TypeError, ValueError, IndexError, KeyError):
+            raise _Invalid(f"{where}: coordinate {point!r} is not an [x, y] pair of numbers") from None
+        if not (math.isfinite(x) and math.isfinite(y)):
+            raise _Invalid(f"{where}: coordinate {point!r} is not finite")
+        ring.append((x, y))
+    return ring
+
+
+def _polygon(shell: list[tuple[float, float]], holes: Sequence[list[tuple[float, float]]] = ()) -> BaseGeometry:
+    """A repaired polygon, or an empty one when the shell cannot enclose any area."""
+    if len(set(shell)) < 3:
+        return Polygon()
+    holes = [h for h in holes if len(set(h)) >= 3]
+    return _polygonal(Polygon(shell, holes))
+
+
+def _subtract(positive: BaseGeometry, negative: BaseGeometry | None) -> BaseGeometry:
+    if negative is None or negative.is_empty or not positive.intersects(negative):
+        return positive
+    return _polygonal(positive.difference(negative))
+
+
+def _argb_to_rgb(value: int) -> tuple[int, int, int]:
+    """QuPath 0.2 packs colours in a signed 32-bit ARGB int (``-16711936`` is opaque green)."""
+    value &= 0xFFFFFFFF
+    return (value >> 16) & 255, (value >> 8) & 255, value & 255
+
+
+def _rgb(value: Any) -> tuple[int, int, int] | None:
+    """``[r, g, b]`` (optionally with alpha) or a packed ARGB int; None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return _argb_to_rgb(value)
+    if isinstance(value, list | tuple) and len(value) >= 3:
+        try:
+            rgb = tuple(int(c) for c in value[:3])
+        except (TypeError, ValueError):
+            return None
+        if all(0 <= c <= 255 for c in rgb):
+            return rgb[0], rgb[1], rgb[2]
+    return None
+
+
+def _hex_rgb(value: str | None) -> tuple[int, int, int] | None:
+    """``#F4FA58`` (ASAP) to ``(244, 250, 88)``."""
+    text = (value or "").strip().lstrip("#")
+    if len(text) not in (6, 8):
+        return None
+    try:
+        packed = int(text[-6:], 16)
+    except ValueError:
+        return None
+    return (packed >> 16) & 255, (packed >> 8) & 255, packed & 255
+
+
+# --------------------------------------------------------------------------------------------------------------
+# QuPath GeoJSON
+
+
+def _parse_qupath(doc: Any, *, include_detections: bool = False) -> Iterator[_Shape]:
+    features = _features(doc)
+    for number, feature in enumerate(features):
+        if not isinstance(feature, dict):
+            raise _Invalid(f"feature {number} is not a JSON object")
+        props = feature.get("properties") or {}
+        if not isinstance(props, dict):
+            props = {}
+        object_type = str(props.get("objectType", "annotation")).lower()
+        if object_type in _QUPATH_SKIPPED_OBJECTS and not include_detections:
+            log.debug("feature %d skipped: QuPath %s object, not an annotation", number, object_type)
+            continue
+        geometry = _geojson_geometry(feature.get("geometry"), f"feature {number}")
+        if geometry is None:
+            log.debug("feature %d skipped: no polygon geometry", number)
+            continue
+        if geometry.is_empty:
+            log.debug("feature %d skipped: empty or zero-area polygon", number)
+            continue
+        class_name, color = _qupath_class(props)
+        name = props.get("name")
+        yield class_name, geometry, (str(name) if name not in (None, "") else None), color
+
+
+def _features(doc: Any) -> list[Any]:
+    if isinstance(doc, list):
+        return doc
+    if doc.get("type") == "Feature":
+        return [doc]
+    if "features" in doc:
+        features = doc["features"]
+        if not isinstance(features, list):
+            raise _Invalid("'features' is not a list")
+        return features
+    return [{"type": "Feature", "geometry": doc, "properties": {}}]  # a bare geometry
+
+
+def _geojson_geometry(geom: Any, where: str) -> BaseGeometry | None:
+    """A repaired (Multi)Polygon, an empty Polygon when it encloses no area, or None for other types."""
+    if not isinstance(geom, dict):
+        return None
+    kind = geom.get("type")
+    coords = geom.get("coordinates")
+    if kind == "Polygon":
+        return _geojson_polygon(coords, where)
+    if kind == "MultiPolygon":
+        if not isinstance(coords, list):
+            raise _Invalid(f"{where}: MultiPolygon coordinates are not a list")
+        parts = [_geojson_polygon(p, where) for p in coords]
+        return _polygonal(shapely.unary_union([p for p in parts if not p.is_empty])) if parts else Polygon()
+    if kind == "GeometryCollection":
+        parts = [_geojson_geometry(g, where) for g in geom.get("geometries") or []]
+        polygons = [p for p in parts if p is not None and not p.is_empty]
+        if not polygons:
+            return None if all(p is None for p in parts) else Polygon()
+        return _polygonal(shapely.unary_union(polygons))
+    log.debug("%s: %s geometry is not an area", where, kind)
+    return None
+
+
+def _geojson_polygon(coords: Any, where: str) -> BaseGeometry:
+    if not isinstance(coords, list) or not all(isinstance(ring, list) for ring in coords):
+        raise _Invalid(f"{where}: Polygon coordinates are not a list of rings")
+    if not coords:
+        return Polygon()
+    rings = [_ring(ring, where) for ring in coords]
+    return _polygon(rings[0], rings[1:])
+
+
+def _qupath_class(props: dict[str, Any]) -> tuple[str, tuple[int, int, int] | None]:
+    """Class name and colour: the classification's first, then the annotation's own."""
+    classification = props.get("classification")
+    class_name = ""
+    color = None
+    if isinstance(classification, dict):
+        class_name = str(classification.get("name") or "")
+        color = _rgb(classification.get("color")) or _rgb(classification.get("colorRGB"))
+    elif isinstance(classification, str):
+        class_name = classification
+    if not class_name:
+        class_name = str(props.get("name") or "")
+    color = color or _rgb(props.get("color")) or _rgb(props.get("colorRGB"))
+    return class_name.strip(), color
+
+
+# --------------------------------------------------------------------------------------------------------------
+# ASAP XML
+
+
+def _parse_asap(root: ET.Element) -> list[_Shape]:
+    groups = _asap_groups(root)
+    positives: list[_Shape] = []
+    exclusions: list[BaseGeometry] = []
+    for number, annotation in enumerate(root.iter("Annotation")):
+        name = annotation.get("Name")
+        where = f"annotation {name!r}" if name else f"annotation {number}"
+        kind = (annotation.get("Type") or "").strip().lower()
+        if kind not in _ASAP_AREA_TYPES:
+            log.debug("%s skipped: type %r is not an area", where, annotation.get("Type"))
+            continue
+        geometry = _asap_geometry(annotation, kind, where)
+        if geometry.is_empty:
+            log.debug("%s skipped: encloses no area", where)
+            continue
+        group = (annotation.get("PartOfGroup") or "").strip()
+        if _is_exclusion(group, groups):
+            exclusions.append(geometry)
+            continue
+        color = _hex_rgb(annotation.get("Color")) or _hex_rgb(groups.get(group, (None, None))[1])
+        positives.append(("" if group.lower() == "none" else group, geometry, name, color))
+    if not exclusions:
+        return positives
+    cut = shapely.unary_union(exclusions)
+    out = []
+    for class_name, geometry, name, color in positives:
+        geometry = _subtract(geometry, cut)
+        if geometry.is_empty:
+            log.debug("annotation %r skipped: entirely inside an exclusion", name)
+            continue
+        out.append((class_name, geometry, name, color))
+    return out
+
+
+def _asap_groups(root: ET.Element) -> dict[str, tuple[str, str | None]]:
+    """Group name -> (parent group name, colour) from ``<AnnotationGroups>``."""
+    groups = {}
+    for group in root.iter("Group"):
+        name = (group.get("Name") or "").strip()
+        if name:
+            groups[name] = ((group.get("PartOfGroup") or "").strip(), group.get("Color"))
+    return groups
+
+
+def _is_exclusion(group: str, groups: dict[str, tuple[str, str | None]]) -> bool:
+    """True when ``group`` or one of the groups it belongs to is an exclusion group."""
+    seen = set()
+    while group and group not in seen:
+        if group.casefold() in EXCLUSION_GROUPS:
+            return True
+        seen.add(group)
+        group = groups.get(group, ("", None))[0]
+    return False
+
+
+def _asap_geometry(annotation: ET.Element, kind: str, where: str) -> BaseGeometry:
+    coordinates = annotation.find("Coordinates")
+    items = [] if coordinates is None else list(coordinates.iter("Coordinate"))
+    keyed = []
+    for position, item in enumerate(items):
+        order_text = item.get("Order")
+        try:
+            order = float(order_text) if order_text is not None else position
+        except ValueError:
+            raise _Invalid(f"{where}: coordinate Order={order_text!r} is not a number") from None
+        keyed.append((order, position, (item.get("X"), item.get("Y"))))
+    keyed.sort(key=lambda k: (k[0], k[1]))
+    points = _ring((xy for _, _, xy in keyed), where)
+    if kind == "rectangle" and len(points) == 2:  # two opposite corners
+        (x0, y0), (x1, y1) = points
+        return _polygonal(box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)))
+    # A spline is approximated by the polygon through its control points.
+    return _polygon(points)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Aperio ImageScope XML
+
+
+def _parse_imagescope(root: ET.Element) -> list[_Shape]:
+    shapes: list[_Shape] = []
+    for layer_number, layer in enumerate(_children(root, "Annotation"), start=1):
+        layer_class = (layer.get("Name") or "").strip() or _first_attribute_value(layer)
+        color = _bgr_to_rgb(layer.get("LineColor"))
+        regions_element = _child(layer, "Regions")
+        regions = [] if regions_element is None else list(_children(regions_element, "Region"))
+        positives: list[tuple[str, BaseGeometry, str | None]] = []
+        holes: list[BaseGeometry] = []
+        for region in regions:
+            where = f"layer {layer.get('Id', layer_number)} region {region.get('Id', '?')}"
+            geometry = _imagescope_geometry(region, where)
+            if geometry.is_empty:
+                log.debug("%s skipped: encloses no area (ruler, arrow or line)", where)
+                continue
+            if (region.get("NegativeROA") or "0").strip() == "1":
+                holes.append(geometry)
+                continue
+            text = (region.get("Text") or "").strip()
+            positives.append((layer_class or text, geometry, text or None))
+        if not positives:
+            log.debug("layer %s skipped: no positive region with an area", layer.get("Id", layer_number))
+            continue
+        cut = shapely.unary_union(holes) if holes else None
+        for class_name, geometry, name in positives:
+            geometry = _subtract(geometry, cut)
+            if not geometry.is_empty:
+                shapes.append((class_name, geometry, name, color))
+    return shapes
+
+
+def _first_attribute_value(layer: ET.Element) -> str:
+    attributes = _child(layer, "Attributes")
+    for attribute in [] if attributes is None else _children(attributes, "Attribute"):
+        value = (attribute.get("Value") or "").strip()
+        if value:
+            return value
+    return ""
+
+
+def _bgr_to_rgb(value: str | None) -> tuple[int, int, int] | None:
+    """ImageScope's ``LineColor`` is a Windows COLORREF, 0x00BBGGRR (``65280`` is green, ``255`` red)."""
+    try:
+        packed = int((value or "").strip())
+    except ValueError:
+        return None
+    return packed & 255, (packed >> 8) & 255, (packed >> 16) & 255
+
+
+def _imagescope_geometry(region: ET.Element, where: str) -> BaseGeometry:
+    vertices_element = _child(region, "Vertices")
+    vertices = [] if vertices_element is None else list(_children(vertices_element, "Vertex"))
+    points = _ring(((v.get("X"), v.get("Y")) for v in vertices), where)
+    kind = (region.get("Type") or "").strip().lower()
+    shape = (region.get("GeoShape") or "").strip().lower()
+    if len(points) == 2 and (kind == "2" or shape == "ellipse"):  # ellipse given by its bounding box
+        (x0, y0), (x1, y1) = points
+        rx, ry = abs(x1 - x0) / 2, abs(y1 - y0) / 2
+        if rx == 0 or ry == 0:
+            return Polygon()
+        circle = Point((x0 + x1) / 2, (y0 + y1) / 2).buffer(1.0, quad_segs=32)
+        return _polygonal(affinity.scale(circle, rx, ry))
+    return _polygon(points)

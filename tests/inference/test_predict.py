@@ -1,0 +1,116 @@
+"""``predict``: heat-map outputs, QuPath detections on the tile grid, malignant regions scoring higher."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from python_task.errors import TaskError
+from python_task.inference.predict import PROBABILITY_KEY, predict_slide
+from python_task.wsi.annotations import read_annotations
+from python_task.wsi.cohort import read_cohort
+
+
+@pytest.fixture(scope="module")
+def val_jobs(learn_data):
+    shards, splits = learn_data
+    val = set(json.loads(splits.read_text())["folds"][0]["val_slides"])
+    jobs = [j for j in read_cohort(shards.parent / "cohort" / "cohort.csv") if j.slide_id in val]
+    assert {j.diagnosis for j in jobs} == {"benign", "malignant"}
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def predicted(trained_model, val_jobs, tmp_path_factory):
+    """Predictions inside the annotations of every validation slide of the model's fold."""
+    root = tmp_path_factory.mktemp("predict")
+    return {job.slide_id: (job, predict_slide(trained_model / "model.keras", job.slide_path, root / job.slide_id,
+                                              annotations=job.annotation_path, progress=False), root / job.slide_id)
+            for job in val_jobs}
+
+
+def test_outputs_exist_and_describe_the_slide(predicted):
+    for _job, summary, out in predicted.values():
+        for name in ("heatmap.png", "probabilities.npy", "tiles.geojson", "slide.json"):
+            assert (out / name).stat().st_size > 0, name
+        saved = json.loads((out / "slide.json").read_text())
+        assert saved["n_tiles"] == summary["n_tiles"] > 0
+        assert saved["predicted_diagnosis"] in ("benign", "malignant")
+        assert 0.0 <= saved["slide_score"] <= 1.0 and 0.0 < saved["threshold"] < 1.0
+        assert {r["class"] for r in saved["regions"]} == set(saved["classes"])
+        import matplotlib.image
+
+        img = matplotlib.image.imread(out / "heatmap.png")
+        assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 200
+
+
+def test_geojson_detections_sit_on_the_tiles_that_produced_them(predicted):
+    job, summary, out = next(iter(predicted.values()))
+    grid = np.load(out / "probabilities.npy")
+    geo = json.loads((out / "tiles.geojson").read_text())
+    assert geo["type"] == "FeatureCollection" and len(geo["features"]) == summary["n_tiles"]
+    step, extent = summary["grid"]["step"], summary["grid"]["tile_extent"]
+    assert grid.shape == tuple(summary["grid"]["shape"]) and np.isfinite(grid).sum() == summary["n_tiles"]
+    for feature in geo["features"]:
+        assert feature["properties"]["objectType"] == "detection"
+        ring = np.asarray(feature["geometry"]["coordinates"][0])
+        x0, y0 = ring.min(axis=0)
+        assert np.allclose(ring.max(axis=0) - ring.min(axis=0), extent, atol=0.02)
+        col, row = x0 / step, y0 / step
+        assert col == pytest.approx(round(col), abs=1e-6) and row == pytest.approx(round(row), abs=1e-6)
+        p = feature["properties"]["measurements"][PROBABILITY_KEY]
+        assert grid[round(row), round(col)] == pytest.approx(p, abs=1e-5)  # the heat-map cell of this tile
+        expected = "malignant" if p >= summary["threshold"] else "benign"
+        assert feature["properties"]["classification"]["name"] == expected
+    back = read_annotations(out / "tiles.geojson", include_detections=True)
+    assert len(back) == summary["n_tiles"]
+    assert {r.class_name for r in back} <= {"benign", "malignant"}
+    assert back[0].geometry.area == pytest.approx(extent**2, rel=1e-3)
+    assert read_annotations(job.annotation_path)  # the inputs still read as annotations
+
+
+def test_malignant_regions_score_higher_than_benign(predicted):
+    """Held-out slides: annotated malignant regions get higher mean probabilities than benign ones."""
+    from sklearn.metrics import roc_auc_score
+
+    labels, means = [], []
+    for _, summary, _ in predicted.values():
+        for region in summary["regions"]:
+            if region["n_tiles"]:
+                labels.append(int(region["class"] == "Cholangiocarcinoma"))
+                means.append(region["mean_probability"])
+    assert 0 < sum(labels) < len(labels)
+    assert roc_auc_score(labels, means) > 0.8
+    malignant = np.mean([m for m, y in zip(means, labels) if y])
+    assert malignant > np.mean([m for m, y in zip(means, labels) if not y])
+
+
+def test_whole_slide_scores_every_tissue_tile(trained_model, val_jobs, predicted, tmp_path):
+    job = val_jobs[0]
+    summary = predict_slide(trained_model, job.slide_path, tmp_path / "whole", progress=False, batch_size=7)
+    inside = predicted[job.slide_id][1]
+    assert summary["n_tiles"] >= inside["n_tiles"]
+    assert "regions" not in summary
+    grid = np.load(tmp_path / "whole" / "probabilities.npy")
+    assert np.isnan(grid).any() and np.nanmax(grid) <= 1.0  # background cells stay empty
+
+
+def test_bad_inputs(trained_model, val_jobs, tmp_path, shared_data):
+    job = val_jobs[0]
+    with pytest.raises(TaskError, match="model not found"):
+        predict_slide(tmp_path / "nope.keras", job.slide_path, tmp_path / "o")
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "model.keras").write_bytes((trained_model / "model.keras").read_bytes())
+    with pytest.raises(TaskError, match="config.json"):
+        predict_slide(lone / "model.keras", job.slide_path, tmp_path / "o")
+    proc = subprocess.run([sys.executable, "-m", "python_task", "predict", "--model", str(trained_model / "model.keras"),
+                           "--slide", str(shared_data / "broken.svs"), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=300)
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode == 1 and len(errors) == 1 and "broken.svs" in errors[0]
+    assert not (tmp_path / "o" / "slide.json").exists()

@@ -1,0 +1,250 @@
+"""``extract`` end to end: shards per contract, pixels faithful to the slide, resume, bad input, real data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from python_task.errors import TaskError
+from python_task.shards.extract import extract_cohort, extract_slide
+from python_task.shards.format import ShardReader, read_shard_info
+from python_task.shards.params import ExtractParams
+from python_task.wsi.cohort import SlideJob, read_cohort
+from python_task.wsi.slides import TileReader, open_slide
+
+CLI = [sys.executable, "-m", "python_task"]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def test_manifest_and_shards_follow_the_contract(synth_cohort, synth_shards):
+    jobs = read_cohort(synth_cohort)
+    with open(synth_shards / "manifest.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted(r["slide_id"] for r in rows) == sorted(j.slide_id for j in jobs)
+    diagnosis = {j.slide_id: j.diagnosis for j in jobs}
+    for row in rows:
+        info = read_shard_info(synth_shards / row["shard"])
+        assert info.n_tiles == int(row["n_tiles"]) == int(row["n_benign"]) + int(row["n_malignant"]) > 0
+        assert info.label_names == ("benign", "malignant") and info.codec == "jpeg" and info.tile_size == 256
+        assert info.mpp == pytest.approx(0.5) and info.diagnosis == row["diagnosis"] == diagnosis[row["slide_id"]]
+        if row["diagnosis"] == "benign":
+            assert int(row["n_malignant"]) == 0
+        with h5py.File(synth_shards / row["shard"], "r", locking=False) as f:
+            assert f["coverage"][()].min() >= 0.5 and f["tissue"][()].min() >= 0.5
+            assert json.loads(f.attrs["params"])["tile_size"] == 256
+    assert {r["diagnosis"] for r in rows} == {"benign", "malignant"}
+
+
+def _shard_vs_direct(job: SlideJob, out: Path, params: ExtractParams) -> tuple[np.ndarray, np.ndarray]:
+    """Tiles read back from the shard, and the same tiles read directly from the slide at their coords."""
+    extract_slide(job, out, params)
+    with ShardReader(out / f"{job.slide_id}.h5") as shard, open_slide(job.slide_path) as slide:
+        reader = TileReader(slide, params.mpp, params.tile_size)
+        assert shard.info.downsample == pytest.approx(reader.downsample)
+        assert shard.info.mpp == pytest.approx(reader.mpp)
+        coords = shard.field("coords")
+        idx = np.linspace(0, len(coords) - 1, min(24, len(coords))).astype(int)
+        return shard.images(idx), np.stack([reader.read(int(x), int(y)) for x, y in coords[idx]])
+
+
+@pytest.mark.parametrize("mpp", [0.5, 0.75])
+def test_raw_tiles_are_identical_to_a_direct_read(synth_cohort, tmp_path, mpp):
+    job = read_cohort(synth_cohort)[0]
+    tiles, direct = _shard_vs_direct(job, tmp_path, ExtractParams(codec="raw", tile_size=128, mpp=mpp))
+    np.testing.assert_array_equal(tiles, direct)
+
+
+def test_jpeg_tiles_of_a_synthetic_slide_keep_40_db(synth_cohort, tmp_path):
+    job = read_cohort(synth_cohort)[0]
+    tiles, direct = _shard_vs_direct(job, tmp_path, ExtractParams(codec="jpeg"))
+    assert _psnr(tiles, direct) >= 40.0
+
+
+def test_jpeg_tiles_of_a_real_slide_keep_40_db(cmu_slide, shared_data, tmp_path):
+    job = SlideJob("CMU", "CMU", cmu_slide, shared_data / "qupath_CMU-1.json")
+    labels = tmp_path / "labels.yaml"
+    labels.write_text("benign: [Tissue]\nmalignant: [Tumor_vital]\n")
+    params = ExtractParams(codec="jpeg", labels=labels, ignore_unknown=True, offset=(-42673.0, -5576.0))
+    tiles, direct = _shard_vs_direct(job, tmp_path, params)
+    assert _psnr(tiles, direct) >= 40.0
+    assert np.median([_psnr(a, b) for a, b in zip(tiles, direct)]) >= 40.0
+
+
+def test_default_codec_is_smaller_than_png(synth_shards):
+    from io import BytesIO
+
+    from PIL import Image
+
+    shard = sorted(synth_shards.glob("*.h5"))[0]
+    with ShardReader(shard) as r:
+        tiles = r.images(range(min(20, len(r))))
+        jpeg_bytes = sum(len(r.file["images"][i]) for i in range(len(tiles)))
+    png_bytes = 0
+    for t in tiles:
+        buf = BytesIO()
+        Image.fromarray(t).save(buf, format="PNG")
+        png_bytes += buf.tell()
+    assert jpeg_bytes <= png_bytes / 2
+
+
+def test_rerun_skips_finished_shards_and_resumes(synth_cohort, tmp_path):
+    jobs = read_cohort(synth_cohort)[:3]
+    first = extract_cohort(jobs[:2], tmp_path, ExtractParams(), progress=False)
+    assert [r.status for r in first.results] == ["done", "done"]
+    stamp = (tmp_path / f"{jobs[0].slide_id}.h5").stat().st_mtime_ns
+    (tmp_path / f".{jobs[2].slide_id}.h5.dead.tmp").write_bytes(b"left by a killed run")
+    second = extract_cohort(jobs, tmp_path, ExtractParams(), progress=False)
+    status = {r.slide_id: r.status for r in second.results}
+    assert status == {jobs[0].slide_id: "skipped", jobs[1].slide_id: "skipped", jobs[2].slide_id: "done"}
+    assert (tmp_path / f"{jobs[0].slide_id}.h5").stat().st_mtime_ns == stamp
+    with open(tmp_path / "manifest.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 3
+    with pytest.raises(TaskError, match="other parameters"):
+        extract_cohort(jobs[:1], tmp_path, ExtractParams(tile_size=128), progress=False)
+
+
+def test_two_workers_give_the_same_shards(synth_cohort, synth_shards, tmp_path):
+    jobs = read_cohort(synth_cohort)
+    report = extract_cohort(jobs, tmp_path, ExtractParams(), workers=2, progress=False)
+    assert report.ok
+    for job in jobs:
+        with ShardReader(tmp_path / f"{job.slide_id}.h5") as a, ShardReader(synth_shards / f"{job.slide_id}.h5") as b:
+            np.testing.assert_array_equal(a.field("coords"), b.field("coords"))
+            np.testing.assert_array_equal(a.field("labels"), b.field("labels"))
+
+
+def _single(tmp_path: Path, slide: Path, annotations: Path, *extra: str) -> subprocess.CompletedProcess:
+    return _run("extract", "--slide", slide, "--annotations", annotations, "--out", tmp_path / "out", *extra)
+
+
+def _assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def _no_shard_written(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert not out.exists() or not list(out.glob("*.h5")) and not list(out.glob(".*.tmp"))
+
+
+def test_bad_inputs_each_give_one_line_errors(synth_cohort, shared_data, tmp_path):
+    job = read_cohort(synth_cohort)[0]
+    broken = shared_data / "broken.svs"
+    proc = _single(tmp_path, broken, job.annotation_path)
+    _assert_one_line_error(proc, "broken.svs")
+    _no_shard_written(tmp_path)
+
+    truncated = tmp_path / "truncated.tiff"
+    truncated.write_bytes(job.slide_path.read_bytes()[: job.slide_path.stat().st_size // 3])
+    _assert_one_line_error(_single(tmp_path, truncated, job.annotation_path), "truncated.tiff")
+    _no_shard_written(tmp_path)
+
+    garbage = tmp_path / "notes.geojson"
+    garbage.write_text("these are not annotations")
+    _assert_one_line_error(_single(tmp_path, job.slide_path, garbage), "notes.geojson")
+
+    points = tmp_path / "points.geojson"
+    points.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [10, 10]},
+         "properties": {"classification": {"name": "Cholangiocarcinoma"}}}]}))
+    _assert_one_line_error(_single(tmp_path, job.slide_path, points), "points.geojson", "polygon")
+
+    unknown = tmp_path / "unknown.geojson"
+    unknown.write_text(json.dumps([{"type": "Feature", "geometry": {
+        "type": "Polygon", "coordinates": [[[0, 0], [900, 0], [900, 900], [0, 900], [0, 0]]]},
+        "properties": {"classification": {"name": "Necrosis"}}}]))
+    _assert_one_line_error(_single(tmp_path, job.slide_path, unknown), "unknown.geojson", "Necrosis")
+    ok = _single(tmp_path, job.slide_path, job.annotation_path, "--ignore-unknown", "--slide-id", "S")
+    assert ok.returncode == 0, ok.stderr
+
+    outside = tmp_path / "outside.geojson"
+    outside.write_text(json.dumps([{"type": "Feature", "geometry": {
+        "type": "Polygon", "coordinates": [[[50000, 50000], [51000, 50000], [51000, 51000], [50000, 50000]]]},
+        "properties": {"classification": {"name": "Cholangiocarcinoma"}}}]))
+    _assert_one_line_error(_single(tmp_path, job.slide_path, outside), "outside.geojson", "outside")
+
+
+def test_slide_without_mpp(synth_cohort, tmp_path):
+    import tifffile
+
+    job = read_cohort(synth_cohort)[0]
+    with open_slide(job.slide_path) as slide:
+        rgb = slide.read_region(0, 0, 0, *slide.dimensions)
+    bare = tmp_path / "bare.tiff"
+    tifffile.imwrite(bare, rgb, tile=(256, 256), compression="jpeg", photometric="rgb")
+    proc = _single(tmp_path, bare, job.annotation_path)
+    _assert_one_line_error(proc, "bare.tiff", "--slide-mpp")
+    proc = _single(tmp_path, bare, job.annotation_path, "--slide-mpp", "0.5")
+    assert proc.returncode == 0, proc.stderr
+    assert read_shard_info(tmp_path / "out" / "bare.h5").n_tiles > 0
+
+
+def test_empty_region_says_why(synth_cohort, tmp_path):
+    job = read_cohort(synth_cohort)[0]
+    tiny = tmp_path / "tiny.geojson"
+    tiny.write_text(json.dumps([{"type": "Feature", "geometry": {
+        "type": "Polygon", "coordinates": [[[10, 10], [60, 10], [60, 60], [10, 60], [10, 10]]]},
+        "properties": {"classification": {"name": "Biliary adenoma"}}}]))
+    proc = _single(tmp_path, job.slide_path, tiny)
+    _assert_one_line_error(proc, "no tile kept")
+
+
+def test_cohort_run_finishes_other_slides_and_lists_the_failure(synth_cohort, shared_data, tmp_path):
+    cohort = tmp_path / "cohort.csv"
+    rows = list(csv.DictReader(open(synth_cohort)))[:2]
+    for row in rows:
+        for key in ("slide_path", "annotation_path"):
+            row[key] = str(synth_cohort.parent / row[key])
+    rows.append({**rows[0], "slide_id": "BROKEN", "slide_path": str(shared_data / "broken.svs")})
+    with open(cohort, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    proc = _run("extract", "--cohort", cohort, "--out", tmp_path / "out", "--workers", "2")
+    assert proc.returncode == 1
+    assert "failed slides (1)" in proc.stderr and "BROKEN" in proc.stderr.split("failed slides (1)")[1]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.h5")) == sorted(f"{r['slide_id']}.h5" for r in rows[:2])
+
+
+def test_real_svs_with_real_qupath_annotation(cmu_slide, shared_data, tmp_path):
+    labels = tmp_path / "labels.yaml"
+    labels.write_text("malignant: [Tumor_vital]\nbenign: [Tissue]\nignore: [Makrophage, mark, Cyst]\n")
+    job = SlideJob("CMU-1-crop", "CMU", cmu_slide, shared_data / "qupath_CMU-1.json")
+    for reader in ("openslide", "tiff"):
+        out = tmp_path / reader
+        params = ExtractParams(labels=labels, offset=(-42673.0, -5576.0), reader=reader, codec="raw")
+        result = extract_slide(job, out, params)
+        assert result.n_tiles > 10 and result.counts["benign"] == result.n_tiles  # the crop shows Tissue only
+    with ShardReader(tmp_path / "openslide" / "CMU-1-crop.h5") as a, ShardReader(tmp_path / "tiff" / "CMU-1-crop.h5") as b:
+        np.testing.assert_array_equal(a.field("coords"), b.field("coords"))
+        diff = np.abs(a.images().astype(int) - b.images().astype(int))
+        assert diff.mean() < 0.5 and diff.max() <= 8
+        assert a.info.mpp == pytest.approx(0.499, abs=1e-3)  # within tolerance of 0.5: no resampling
+
+
+def test_cli_single_slide_defaults(synth_cohort, tmp_path):
+    job = read_cohort(synth_cohort)[1]
+    proc = _single(tmp_path, job.slide_path, job.annotation_path, "--patient-id", "PX")
+    assert proc.returncode == 0, proc.stderr
+    info = read_shard_info(tmp_path / "out" / f"{job.slide_path.stem}.h5")
+    assert info.patient_id == "PX" and info.slide_id == job.slide_path.stem
+    shutil.rmtree(tmp_path / "out")

@@ -1,0 +1,65 @@
+"""The command line: library errors and log lines in flag names, defaults equal to the library's, a light parser."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+import subprocess
+import sys
+
+from python_task import cli
+from python_task.errors import ConfigError, SlideError, TaskError
+from python_task.shards.params import ExtractParams
+
+
+def flags() -> dict[str, str]:
+    return cli.option_flags(cli.build_parser())
+
+
+def test_errors_name_files_or_flags():
+    f = flags()
+    assert cli.error_line(ConfigError("batch_size", "must be at least 1, got 0"), f) == \
+        "error: --batch-size: must be at least 1, got 0"
+    assert cli.error_line(SlideError("a.svs", "no µm/px; give it with `slide_mpp`"), f) == \
+        "error: a.svs: no µm/px; give it with --slide-mpp"
+    assert cli.error_line(ConfigError("depth", "unet_encoder depth must be 1-8"), f) == \
+        "error: depth: unet_encoder depth must be 1-8"  # a setting the command line does not offer keeps its name
+    assert cli.error_line(TaskError(None, "make it with `python -m python_task split` or `nothing`"), f) == \
+        "error: make it with `python -m python_task split` or `nothing`"
+
+
+def test_log_lines_speak_flags():
+    formatter = cli._LogFormatter(flags())  # noqa: SLF001
+    info = logging.LogRecord("python_task.shards.extract", logging.INFO, __file__, 1, "S1: lower `min_tissue`",
+                             None, None)
+    warning = logging.LogRecord("python_task.wsi.slides", logging.WARNING, __file__, 1, "upsampled %dx", (2,), None)
+    assert formatter.format(info) == "S1: lower --min-tissue"
+    assert formatter.format(warning) == "WARNING python_task.wsi.slides: upsampled 2x"
+
+
+def test_defaults_are_the_library_defaults():
+    from python_task.experiments.demo import DemoConfig
+    from python_task.inference.predict import predict_slide
+
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, cli.argparse._SubParsersAction))  # noqa: SLF001
+    predict = {a.dest: a.default for a in sub.choices["predict"]._actions}  # noqa: SLF001
+    signature = inspect.signature(predict_slide).parameters
+    for name in ("batch_size", "min_tissue", "min_coverage", "stride", "slide_mpp"):
+        assert predict[name] == signature[name].default, name
+    assert tuple(predict["offset"]) == signature["offset"].default and predict["reader"] == signature["reader_name"].default
+    demo = DemoConfig()
+    assert cli.DEMO_DEFAULTS == {k: getattr(demo, k) for k in cli.DEMO_DEFAULTS}
+    extract = {a.dest: a.default for a in sub.choices["extract"]._actions}  # noqa: SLF001
+    for field in dataclasses.fields(ExtractParams):
+        if field.name in extract and field.name not in ("labels", "ignore_unknown"):
+            assert extract[field.name] == field.default, field.name
+
+
+def test_help_does_not_load_keras_or_the_slide_readers():
+    code = ("import sys; import python_task.cli as c; c.build_parser(); "
+            "print(sorted(m for m in ('keras', 'tensorflow', 'openslide', 'h5py', 'scipy.ndimage', 'matplotlib') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert out.strip() == "[]"
