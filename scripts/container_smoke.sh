@@ -100,7 +100,7 @@ say "tiny cohort: synth, extract, split (as this user, umask 022)"
   --mpp 1.0 >>"$WORK/data.log" 2>&1
 "$PY" -m python_task split --shards "$WORK/plans/shards" --folds 2 --out "$WORK/plans/splits.json" >>"$WORK/data.log" 2>&1
 cp openmole/*.oms "$WORK/plans/"
-ls -l "$WORK/plans/splits.json" "$WORK/plans/shards" | head -4
+stat -c '%A %U:%G %n' "$WORK/plans/splits.json" "$WORK/plans/shards/manifest.csv" "$WORK/plans/shards/"*.h5 | head -3
 
 # ------------------------------------------------------------------------------------------------ points
 run_point() {  # name expected_code KEY=VALUE...
