@@ -147,3 +147,69 @@ def write_export(path: Path, objects: Sequence[QuPathObject], version: str) -> P
 
 def square(x: float, y: float, size: float) -> list[tuple[float, float]]:
     return [(x, y), (x + size, y), (x + size, y + size), (x, y + size), (x, y)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# How each version imports a feature
+
+
+class QuPathRefuses(Exception):
+    """Where QuPath's import throws (its exception named in the message)."""
+
+
+_LEGACY_IDS = {"PathAnnotationObject", "PathDetectionObject", "PathCellObject", "PathTileObject", "TMACoreObject",
+               "PathRootObject"}
+_TYPE_CLASSES = {"annotation": "PathAnnotationObject", "detection": "PathDetectionObject", "cell": "PathCellObject",
+                 "tile": "PathTileObject", "tma_core": "TMACoreObject", "tmaCore": "TMACoreObject",
+                 "root": "PathRootObject", **{name: name for name in _LEGACY_IDS}}
+
+
+def _gson_class_name(c: dict[str, Any]) -> str:
+    parent = c.get("parentClass")
+    return f"{_gson_class_name(parent)}: {c['name']}" if isinstance(parent, dict) else str(c.get("name"))
+
+
+def qupath_import(feature_: dict[str, Any], version: str) -> tuple[str, str | None, dict[str, float]]:
+    """The object QuPath ``version`` makes of a feature: its Java class, its class's string and its measurements,
+    following ``PathObjectTypeAdapter.read``, ``MeasurementListTypeAdapter.read`` and ``PathClassTypeAdapter.read``
+    of that version (files as in the module docstring). Checked against the real readers, run by
+    ``scripts/qupath_check``, on the two forms of ``tiles.geojson`` (see ``tests/inference/test_predict.py``)."""
+    v = tuple(int(p) for p in version.split(".")[:2])
+    props = feature_.get("properties") or {}
+    feature_id = feature_.get("id")
+    if v < (0, 3):
+        if feature_id is None:  # String id = obj.get("id").getAsString();
+            raise QuPathRefuses("NullPointerException: the feature has no id")
+        kind = _TYPE_CLASSES.get(feature_id, "PathAnnotationObject")  # switch (id) ... default: annotation
+    else:
+        kind_name = feature_id if feature_id in _LEGACY_IDS else "unknown"
+        keys = ("objectType", "object_type", "type") if v >= (0, 4) else ("object_type", "type")
+        for key in keys:
+            if key in props:
+                kind_name = props[key]
+                break
+        kind = _TYPE_CLASSES.get(kind_name, "PathAnnotationObject")
+    measurements: dict[str, float] = {}
+    raw = props.get("measurements")
+    if isinstance(raw, list):
+        measurements = {m["name"]: float(m["value"]) for m in raw}
+    elif isinstance(raw, dict) and v >= (0, 4):
+        measurements = {k: float(x) for k, x in raw.items()}
+    if v < (0, 3) and kind == "PathAnnotationObject":
+        measurements = {}  # PathObjects.createAnnotationObject(roi, pathClass): no measurement list
+    cls = props.get("classification")
+    name: str | None = None
+    if cls is not None:
+        if v < (0, 4):  # Gson's reflection into PathClass
+            if not isinstance(cls, dict):
+                raise QuPathRefuses("JsonSyntaxException: Expected BEGIN_OBJECT")
+            name = _gson_class_name(cls)
+        elif isinstance(cls, str):
+            name = ": ".join(p.strip() for p in cls.split(":"))
+        elif isinstance(cls, dict) and (not cls or "colorRGB" in cls or "parentClass" in cls):
+            name = _gson_class_name(cls) if cls else None
+        elif isinstance(cls, dict) and ("name" in cls or "names" in cls) and "color" in cls:
+            name = cls["name"] if "name" in cls else ": ".join(cls["names"])
+        else:
+            raise QuPathRefuses("JsonParseException: Unable to parse PathClass")
+    return kind, name, measurements
