@@ -262,7 +262,8 @@ def _load_zip(path: Path, data: bytes) -> tuple[str, Any]:
                 log.debug("%s: ZIP entry %s skipped: %s", path, info.filename, exc.cause)
                 continue
             documents.append((info.filename, fmt, doc))
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, OSError, EOFError) as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError, OSError,
+            EOFError) as exc:  # RuntimeError: an encrypted entry
         raise AnnotationError(path, f"damaged or unsupported ZIP archive ({exc})") from None
     names = ", ".join(info.filename for info in entries[:5]) + (" ..." if len(entries) > 5 else "")
     if not documents:

@@ -334,3 +334,17 @@ def test_import_emulation_agrees_with_qupath(version: str, name: str) -> None:
     assert {cls for _, cls, _ in made} == {"Cholangiocarcinoma", "Cholangiocarcinoma: Grade 2", "Biliary adenoma",
                                             "Tumor", "Tumor: Positive"}
     assert sum(1 for _, _, m in made if set(m) == {"Nucleus: Area"}) == 16
+
+
+def test_encrypted_zip_is_named(tmp_path: Path) -> None:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("a.geojson", export(_fixture_objects()[:1], "0.5"))
+    data = bytearray(buffer.getvalue())
+    data[6] |= 1  # general-purpose flag bit 0 (encrypted), local header ...
+    central = data.rfind(b"PK\x01\x02")
+    data[central + 8] |= 1  # ... and central directory
+    path = tmp_path / "locked.zip"
+    path.write_bytes(bytes(data))
+    with pytest.raises(TaskError, match="damaged or unsupported ZIP archive .*encrypted"):
+        read_annotations(path)
