@@ -167,7 +167,7 @@ def tiles_geojson(plan: GridPlan, probs: np.ndarray, threshold: float, label_nam
     """One QuPath detection per tile: its box in level-0 px, a class by threshold, the probability measurement.
 
     Written in the one form every QuPath from 0.2 to 0.7 imports as detections with the measurement (checked by
-    running each version's reader, ``scripts/qupath_check``): ``"id": "PathDetectionObject"`` (0.2 reads the type
+    running each version's own reader): ``"id": "PathDetectionObject"`` (0.2 reads the type
     there and fails without an id; 0.3 and later still honour it), ``properties.objectType`` (0.4+), a
     classification with both ``colorRGB`` (how 0.2 and 0.3 serialise a class, read by every version) and
     ``color``, and measurements as a list of ``{"name", "value"}`` (0.2 and 0.3 read only that form; 0.4+ read

@@ -81,7 +81,7 @@ def test_geojson_detections_sit_on_the_tiles_that_produced_them(predicted):
 @pytest.mark.parametrize("version", VERSIONS)
 def test_every_qupath_imports_the_tiles_as_detections_with_their_probability(predicted, version):
     """tiles.geojson in the form QuPath 0.2 to 0.7 all read (QuPath's readers, emulated in qupath_exports and run
-    for real by scripts/qupath_check): a detection, its class, the malignant_probability measurement."""
+    for real by QuPath's own reader of each version): a detection, its class, the malignant_probability measurement."""
     _, summary, out = next(iter(predicted.values()))
     geo = json.loads((out / "tiles.geojson").read_text())
     for feature in geo["features"][:50]:
@@ -93,7 +93,7 @@ def test_every_qupath_imports_the_tiles_as_detections_with_their_probability(pre
 
 
 def test_the_former_tiles_form_fails_in_old_qupath(predicted):
-    """What the former form did (seen with QuPath's own readers, scripts/qupath_check): 0.2 refuses it (no id),
+    """What the former form did (seen with QuPath's own readers): 0.2 refuses it (no id),
     0.3 makes annotations without the measurement, 0.4+ read it."""
     _, _, out = next(iter(predicted.values()))
     feature = json.loads((out / "tiles.geojson").read_text())["features"][0]

@@ -173,7 +173,7 @@ def qupath_import(feature_: dict[str, Any], version: str) -> tuple[str, str | No
     """The object QuPath ``version`` makes of a feature: its Java class, its class's string and its measurements,
     following ``PathObjectTypeAdapter.read``, ``MeasurementListTypeAdapter.read`` and ``PathClassTypeAdapter.read``
     of that version (files as in the module docstring). Checked against the real readers, run by
-    ``scripts/qupath_check``, on the two forms of ``tiles.geojson`` (see ``tests/inference/test_predict.py``)."""
+    QuPath's own readers, on the two forms of ``tiles.geojson`` (see ``tests/inference/test_predict.py``)."""
     v = tuple(int(p) for p in version.split(".")[:2])
     props = feature_.get("properties") or {}
     feature_id = feature_.get("id")

@@ -31,7 +31,7 @@ _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12
 
 
 def _fixture_objects() -> list[QuPathObject]:
-    """The 19 objects of ``fixtures/qupath`` (``scripts/qupath_check/java/Harness.java``, ``objects()``)."""
+    """The 19 objects of ``fixtures/qupath`` (made by QuPath's own code, see ``fixtures/qupath/README.md``)."""
     objects = [
         QuPathObject("annotation", [square(0, 0, 1024), square(384, 384, 256)], ("Cholangiocarcinoma",),
                      name="CCA region", color=(0, 255, 0)),
@@ -319,7 +319,7 @@ def test_zip_of_text_names_its_entries(tmp_path: Path) -> None:
 @pytest.mark.parametrize("version", ["0.2", "0.3", "0.4", "0.5", "0.6", "0.7"])
 @pytest.mark.parametrize("name", ["qupath-0.2.3.json", "qupath-0.3.2.zip", "qupath-0.5.1.geojson.gz"])
 def test_import_emulation_agrees_with_qupath(version: str, name: str) -> None:
-    """``qupath_import`` gives what QuPath's own readers made of these files (scripts/qupath_check, every
+    """``qupath_import`` gives what QuPath's own readers made of these files (run for real, every
     version from 0.2.3 to 0.7.0: 3 annotations, 6 cells, 5 detections, 5 tiles, derived classes whole,
     ``Nucleus: Area`` on the 16 others), for the versions that can open each file at all."""
     from collections import Counter
