@@ -6,9 +6,9 @@ centred on the decision threshold: blue below it (benign), pale yellow at it (un
 (malignant), the colour's strength growing with the distance from the threshold on each side. Cells without a
 tile stay uncoloured. The colour bar marks the threshold in black.
 
-Annotation outlines (holes included, dashed) take one colour per annotation class from a palette kept apart from
-the map's blue, yellow and red and from the stain's pink and purple (green, black, brown, dark teal), each with a
-white halo, named in a legend.
+Annotation outlines (holes included, dashed) take the colour of their target class, the same on every slide (green
+benign, black malignant, dark teal a third target, brown a class that maps to none), a palette kept apart from the
+map's blue, yellow and red and from the stain's pink and purple, each with a white halo, named in a legend.
 """
 
 from __future__ import annotations
@@ -20,14 +20,16 @@ import numpy as np
 
 from python_task.fileio import atomic_path
 from python_task.wsi.annotations import Region
+from python_task.wsi.labels import LabelMap, load_label_map
 
 # Diverging, colour-blind safe (blue against orange-red), centred on the threshold: blue (benign), pale yellow
 # (uncertain), orange-red (malignant). ColorBrewer RdYlBu's colours, without its violet-tinted dark blue and its
 # crimson top (eosin's side of red).
 HEATMAP_COLORS = ((0.0, "#2166ac"), (0.25, "#67a9cf"), (0.5, "#f7f7a1"), (0.75, "#fdae61"), (1.0, "#d7301f"))
 HEATMAP_ALPHA = 0.6
-# Outline colours: none is blue, yellow or red, so an outline never reads as a probability.
-OUTLINE_COLORS = ("#00a651", "#000000", "#8c510a", "#01665e")
+# Outline colours, by target class (benign, malignant, then any other; the last for a class that maps to no
+# target): none is blue, yellow or red, so an outline never reads as a probability.
+OUTLINE_COLORS = ("#00a651", "#000000", "#01665e", "#8c510a")
 THRESHOLD_COLOR = "#000000"
 
 
@@ -37,11 +39,20 @@ def grey_tissue(rgb: np.ndarray) -> np.ndarray:
     return 0.25 + 0.75 * lum
 
 
-def class_colors(regions: Sequence[Region] | None) -> dict[str, str]:
-    """One outline colour per annotation class, classes in alphabetical order (so slides with the same classes
-    get the same colours); beyond four classes the colours repeat, and the legend tells them apart."""
-    names = sorted({region.class_name or "(no class)" for region in regions or []}, key=str.casefold)
-    return {name: OUTLINE_COLORS[i % len(OUTLINE_COLORS)] for i, name in enumerate(names)}
+def class_colors(regions: Sequence[Region] | None, label_map: LabelMap | None = None) -> dict[str, str]:
+    """One outline colour per annotation class, fixed by the target class it maps to (the labels' first target,
+    benign by default, the first colour; the second, malignant, the second; ...; a class that maps to none the
+    last), so a class has the same colour on every slide and the colour says what the region is. Without a
+    label map the default one applies."""
+    label_map = label_map or load_label_map(None)
+    out = {}
+    for region in sorted(regions or [], key=lambda r: (r.class_name or "").casefold()):
+        name = region.class_name or "(no class)"
+        if name not in out:
+            target = label_map.target_of(region.class_name or "", getattr(region, "class_parts", ()) or ())
+            index = label_map.label_names.index(target) if target in label_map.label_names else -1
+            out[name] = OUTLINE_COLORS[index] if 0 <= index < len(OUTLINE_COLORS) - 1 else OUTLINE_COLORS[-1]
+    return out
 
 
 def format_probability(p: float) -> str:
@@ -109,7 +120,7 @@ def draw_heatmap(path: Path, thumb: np.ndarray, ds: float, grid: np.ndarray, ste
         for region in regions or []:
             counts[region.class_name or "(no class)"] += 1
         handles = [Line2D([], [], color=c, lw=2, path_effects=halo, label=f"{name} ({counts[name]})")
-                   for name, c in colors.items()]
+                   for name, c in sorted(colors.items(), key=lambda item: OUTLINE_COLORS.index(item[1]))]
         if any(getattr(p, "interiors", None) for r in regions or [] for p in getattr(r.geometry, "geoms", [r.geometry])):
             handles.append(Line2D([], [], color="#555555", lw=1.3, ls=(0, (3, 2)), label="hole"))
         legend = [h.get_label() for h in handles]

@@ -67,9 +67,23 @@ def test_outline_colours_are_neither_map_nor_stain():
         if s > 0.2 and v > 0.2:
             assert not (STAIN_HUES[0] <= h <= STAIN_HUES[1]) and not (180 <= h <= 250), color  # nor map blue
             assert not (h <= 15 or 40 <= h <= 70), color  # nor map red or yellow
-    regions = [Region(0, "CCA", box(0, 0, 1, 1), "qupath"), Region(1, "Adenoma", box(1, 0, 2, 1), "qupath"),
-               Region(2, "CCA", box(2, 0, 3, 1), "qupath")]
-    assert class_colors(regions) == {"Adenoma": OUTLINE_COLORS[0], "CCA": OUTLINE_COLORS[1]}
+
+
+
+def test_outline_colours_follow_the_target_class_on_every_slide():
+    """A class keeps its colour whatever else is on the slide: the colour is its target's (benign first)."""
+    def regions(*names):
+        return [Region(i, n, box(i, 0, i + 1, 1), "qupath") for i, n in enumerate(names)]
+
+    benign, malignant, other = OUTLINE_COLORS[0], OUTLINE_COLORS[1], OUTLINE_COLORS[-1]
+    assert class_colors(regions("CCA", "Biliary adenoma", "CCA")) == {"Biliary adenoma": benign, "CCA": malignant}
+    assert class_colors(regions("Bile duct hamartoma", "Biliary adenoma")) == {"Bile duct hamartoma": benign,
+                                                                               "Biliary adenoma": benign}
+    assert class_colors(regions("Cholangiocarcinoma", "Tissue")) == {"Cholangiocarcinoma": malignant,
+                                                                     "Tissue": other}
+    derived = [Region(0, "Cholangiocarcinoma: Grade 2", box(0, 0, 1, 1), "qupath",
+                      class_parts=("Cholangiocarcinoma", "Grade 2"))]
+    assert class_colors(derived) == {"Cholangiocarcinoma: Grade 2": malignant}
 
 
 def test_figure_with_legend_holes_and_threshold(tmp_path):
