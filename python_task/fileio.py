@@ -1,10 +1,16 @@
-"""Atomic writes: outputs appear under their final name only once complete."""
+"""Atomic writes: outputs appear under their final name only once complete, with the mode the umask gives.
+
+JSON is written strictly (RFC 8259): a number that is not finite (NaN, an infinity) is written ``null``, which
+every parser reads (JavaScript's ``JSON.parse``, jq, Java's strict readers), and :func:`nan_for_null` reads it
+back as NaN. CSV files keep ``nan``.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import csv
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -57,8 +63,34 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def write_json_atomic(path: str | os.PathLike[str], obj: Any, indent: int = 2) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=indent, allow_nan=True, default=_json_default) + "\n")
+def write_json_atomic(path: str | os.PathLike[str], obj: Any, indent: int | None = 2) -> None:
+    """``obj`` as strict JSON (see :func:`dumps_strict`)."""
+    write_text_atomic(path, dumps_strict(obj, indent=indent) + "\n")
+
+
+def dumps_strict(obj: Any, *, indent: int | None = None, **kwargs: Any) -> str:
+    """``json.dumps`` that always gives valid JSON: NaN and infinities (Python or numpy) become ``null``; numpy
+    scalars and arrays, and paths, are converted."""
+    return json.dumps(strict_json(obj), indent=indent, allow_nan=False, default=_json_default, **kwargs)
+
+
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None (recursively through dicts, lists, tuples, numpy)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [strict_json(v) for v in obj]
+    if hasattr(obj, "tolist") and hasattr(obj, "dtype"):  # numpy scalar or array
+        return strict_json(obj.tolist())
+    return obj
+
+
+def nan_for_null(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A flat JSON object of numbers as written by :func:`write_json_atomic` (``metrics.json``), read back: its
+    nulls are NaN again."""
+    return {k: math.nan if v is None else v for k, v in values.items()}
 
 
 def write_csv_atomic(path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]],

@@ -3,12 +3,31 @@ filesystem and by a container running as another user), not tempfile's 0600."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import stat
 
+import numpy as np
 import pytest
 
-from python_task.fileio import atomic_path, current_umask, write_csv_atomic, write_json_atomic, write_text_atomic
+from python_task.fileio import (
+    atomic_path,
+    current_umask,
+    dumps_strict,
+    nan_for_null,
+    write_csv_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
+
+
+def strict_loads(text: str):
+    """JSON as a strict parser (JavaScript's JSON.parse, jq) reads it: NaN and Infinity are errors."""
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
 
 
 @pytest.fixture
@@ -40,3 +59,17 @@ def test_a_failed_write_leaves_nothing(tmp_path):
         tmp.write_text("half")
         raise RuntimeError("interrupted")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_json_outputs_are_strict_with_null_for_missing_numbers(tmp_path):
+    obj = {"nan": math.nan, "inf": [math.inf, -math.inf], "np": np.float32("nan"), "np64": np.float64(1.5),
+           "array": np.array([0.25, np.nan]), "nested": {"ok": 1, "bad": float("nan")}, "text": "NaN"}
+    write_json_atomic(tmp_path / "a.json", obj)
+    back = strict_loads((tmp_path / "a.json").read_text())
+    assert back == {"nan": None, "inf": [None, None], "np": None, "np64": 1.5, "array": [0.25, None],
+                    "nested": {"ok": 1, "bad": None}, "text": "NaN"}
+    assert strict_loads(dumps_strict(obj)) == back
+    metrics = nan_for_null({"val_auc": None, "n": 3})
+    assert math.isnan(metrics["val_auc"]) and metrics["n"] == 3
+    write_csv_atomic(tmp_path / "m.csv", [{"val_auc": math.nan}])  # CSV keeps its nan
+    assert (tmp_path / "m.csv").read_text().splitlines() == ["val_auc", "nan"]

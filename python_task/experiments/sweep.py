@@ -45,7 +45,7 @@ import numpy as np
 import yaml
 
 from python_task.errors import ConfigError
-from python_task.fileio import write_csv_atomic, write_json_atomic
+from python_task.fileio import nan_for_null, write_csv_atomic, write_json_atomic
 from python_task.training.config import train_options
 from python_task.training.metrics import CONTRACT_METRICS
 
@@ -214,7 +214,7 @@ def run_point(plan: Plan, point: dict[str, Any], out_dir: Path, threads: int) ->
     rel = os.path.relpath(folder, out_dir)
     metrics_file = folder / "metrics.json"
     if proc.returncode == 0 and metrics_file.exists():
-        return PointResult(point, pid, "ok", "", rel, json.loads(metrics_file.read_text()), wall)
+        return PointResult(point, pid, "ok", "", rel, nan_for_null(json.loads(metrics_file.read_text())), wall)
     return PointResult(point, pid, "failed", _last_error(folder / "train.log", proc.returncode), rel, {}, wall)
 
 

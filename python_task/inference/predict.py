@@ -6,7 +6,8 @@ same origin-anchored grid as ``extract`` (every tissue tile, or only those insid
 row order by a background thread while the model scores the previous batch, so memory is bounded by a few
 batches whatever the slide size.
 
-Outputs in ``out``: ``heatmap.png`` (colour map over a thumbnail, colour bar, annotation outlines),
+Outputs in ``out``: ``heatmap.png`` (the slide beside the probability map over its tissue in grey, colour bar,
+annotation outlines by class; see :mod:`python_task.inference.heatmap`),
 ``probabilities.npy`` (float32 grid, NaN where no tile; its geometry is in ``slide.json``), ``tiles.geojson``
 (one QuPath detection per tile with a ``malignant_probability`` measurement: QuPath's measurement maps show it)
 and ``slide.json`` (slide score, predicted diagnosis, tile counts, per-region and per-class means).
@@ -30,7 +31,8 @@ import numpy as np
 from tqdm import tqdm
 
 from python_task.errors import ConfigError, SlideError, TaskError
-from python_task.fileio import atomic_path, write_json_atomic, write_text_atomic
+from python_task.fileio import atomic_path, write_json_atomic
+from python_task.inference.heatmap import draw_heatmap, format_probability
 from python_task.shards.params import ExtractParams
 from python_task.training.checkpoints import load_model
 from python_task.training.metrics import top_fraction_mean
@@ -44,6 +46,8 @@ from python_task.wsi.tiling import GridPlan, plan_grid
 PROBABILITY_KEY = "malignant_probability"
 TILING = ExtractParams()  # tissue and coverage thresholds, grid and reader default to extract's
 DEFAULT_THRESHOLD = 0.5  # for a model whose run recorded no usable threshold
+HEATMAP_SIZE = 2048  # longer side of the thumbnail under the heat-map, px
+TILE_CLASS_COLORS = ((64, 160, 64), (200, 40, 40))  # tiles.geojson classes in QuPath: benign green, malignant red
 
 
 @dataclass(frozen=True)
@@ -160,19 +164,32 @@ def probability_grid(plan: GridPlan, probs: np.ndarray) -> np.ndarray:
 
 
 def tiles_geojson(plan: GridPlan, probs: np.ndarray, threshold: float, label_names: Sequence[str]) -> dict:
-    """One QuPath detection per tile: its box in level-0 px, a class by threshold, the probability measurement."""
+    """One QuPath detection per tile: its box in level-0 px, a class by threshold, the probability measurement.
+
+    Written in the one form every QuPath from 0.2 to 0.7 imports as detections with the measurement (checked by
+    running each version's own reader): ``"id": "PathDetectionObject"`` (0.2 reads the type
+    there and fails without an id; 0.3 and later still honour it), ``properties.objectType`` (0.4+), a
+    classification with both ``colorRGB`` (how 0.2 and 0.3 serialise a class, read by every version) and
+    ``color``, and measurements as a list of ``{"name", "value"}`` (0.2 and 0.3 read only that form; 0.4+ read
+    it too)."""
     negative, positive = label_names[0], label_names[-1]
-    colors = {negative: [64, 160, 64], positive: [200, 40, 40]}
+    colors = {negative: TILE_CLASS_COLORS[0], positive: TILE_CLASS_COLORS[1]}
     features = []
     e = plan.extent
     for (x, y), p in zip(plan.coords.tolist(), probs.tolist()):
         x1, y1 = round(x + e, 2), round(y + e, 2)
         name = positive if p >= threshold else negative
-        features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [
+        features.append({"type": "Feature", "id": "PathDetectionObject", "geometry": {"type": "Polygon", "coordinates": [
             [[x, y], [x1, y], [x1, y1], [x, y1], [x, y]]]}, "properties": {
-            "objectType": "detection", "classification": {"name": name, "color": colors[name]},
-            "measurements": {PROBABILITY_KEY: round(float(p), 6)}}})
+            "objectType": "detection",
+            "classification": {"name": name, "color": list(colors[name]), "colorRGB": _packed_rgb(colors[name])},
+            "measurements": [{"name": PROBABILITY_KEY, "value": round(float(p), 6)}]}})
     return {"type": "FeatureCollection", "features": features}
+
+
+def _packed_rgb(rgb: Sequence[int]) -> int:
+    """QuPath's colour int: opaque ARGB as a signed 32-bit Java int."""
+    return (0xFF000000 | (rgb[0] << 16) | (rgb[1] << 8) | rgb[2]) - (1 << 32)
 
 
 def slide_summary(plan: GridPlan, probs: np.ndarray, bundle: ModelBundle, slide: Slide, reader: TileReader,
@@ -208,38 +225,6 @@ def slide_summary(plan: GridPlan, probs: np.ndarray, bundle: ModelBundle, slide:
     return summary
 
 
-def draw_heatmap(path: Path, slide: Slide, grid: np.ndarray, plan: GridPlan, regions: Sequence[Region] | None,
-                 title: str, threshold: float, max_size: int = 2048) -> None:
-    import matplotlib  # only for the figure: keeps matplotlib out of every other import
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    thumb, ds = thumbnail(slide, max_size)
-    h, w = thumb.shape[:2]
-    fig, ax = plt.subplots(figsize=(10, 10 * h / max(w, 1) + 0.6), dpi=120)
-    ax.imshow(thumb)
-    if grid.size:
-        extent = (0, grid.shape[1] * plan.step / ds, grid.shape[0] * plan.step / ds, 0)
-        masked = np.ma.masked_invalid(grid)
-        im = ax.imshow(masked, cmap="inferno", vmin=0, vmax=1, alpha=0.6, extent=extent, interpolation="nearest")
-        cbar = fig.colorbar(im, ax=ax, fraction=0.035, pad=0.02)
-        cbar.set_label("probability of malignancy")
-        cbar.ax.axhline(threshold, color="cyan", lw=1.5)
-    for r in regions or []:
-        for poly in getattr(r.geometry, "geoms", [r.geometry]):
-            x, y = poly.exterior.xy
-            ax.plot(np.asarray(x) / ds, np.asarray(y) / ds, color="deepskyblue", lw=1.2)
-    ax.set_xlim(0, w)
-    ax.set_ylim(h, 0)
-    ax.set_axis_off()
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-
-
 def predict_slide(model_path: str | os.PathLike[str], slide_path: str | os.PathLike[str],
                   out_dir: str | os.PathLike[str], *, annotations: str | os.PathLike[str] | None = None,
                   slide_mpp: float | None = None, batch_size: int = 64, min_tissue: float = TILING.min_tissue,
@@ -272,10 +257,11 @@ def predict_slide(model_path: str | os.PathLike[str], slide_path: str | os.PathL
         with atomic_path(out / "probabilities.npy") as tmp:
             with open(tmp, "wb") as fh:
                 np.save(fh, grid)
-        write_text_atomic(out / "tiles.geojson",
-                          json.dumps(tiles_geojson(plan, probs, bundle.threshold, bundle.label_names)))
-        title = (f"{Path(slide_path).name}: slide score {summary['slide_score']:.3f} -> "
-                 f"{summary['predicted_diagnosis']} (threshold {bundle.threshold:.3f})")
-        draw_heatmap(out / "heatmap.png", slide, grid, plan, regions, title, bundle.threshold)
+        write_json_atomic(out / "tiles.geojson", tiles_geojson(plan, probs, bundle.threshold, bundle.label_names),
+                          indent=None)
+        title = (f"{Path(slide_path).name}: slide score {format_probability(summary['slide_score'])} -> "
+                 f"{summary['predicted_diagnosis']} (threshold {format_probability(bundle.threshold)})")
+        thumb, ds = thumbnail(slide, HEATMAP_SIZE)
+        draw_heatmap(out / "heatmap.png", thumb, ds, grid, plan.step, regions, title, bundle.threshold)
     write_json_atomic(out / "slide.json", summary)  # last: its presence means the outputs are complete
     return summary

@@ -19,7 +19,7 @@ import keras
 
 import python_task.training.models  # noqa: F401 - registers the custom layers the saved models hold
 import python_task.transforms.augment_layers  # noqa: F401 - likewise, for a training wrapper's augmenter
-from python_task.fileio import write_json_atomic
+from python_task.fileio import nan_for_null, write_json_atomic
 from python_task.training.config import TrainConfig
 
 CHECKPOINT_DIR = "checkpoint"
@@ -68,8 +68,14 @@ def has_checkpoint(ckpt: Path) -> bool:
 
 
 def load_checkpoint(ckpt: Path) -> tuple[RunState, Any]:
-    state = RunState(**json.loads((ckpt / "state.json").read_text()))
-    return state, load_model(ckpt / "last.keras", compile=True)
+    return read_state(ckpt), load_model(ckpt / "last.keras", compile=True)
+
+
+def read_state(ckpt: Path) -> RunState:
+    """``state.json`` back: it is strict JSON, so a NaN (or the initial -inf best AUC) was written null."""
+    saved = json.loads((ckpt / "state.json").read_text())
+    return RunState(**{**saved, "best_auc": -math.inf if saved.get("best_auc") is None else saved["best_auc"],
+                       "history": [nan_for_null(row) for row in saved.get("history", [])]})
 
 
 def inner_model(train_model):

@@ -27,7 +27,7 @@ from sklearn.utils.class_weight import compute_class_weight
 from tqdm import tqdm
 
 from python_task.errors import TaskError
-from python_task.fileio import atomic_path, write_csv_atomic, write_json_atomic
+from python_task.fileio import atomic_path, nan_for_null, write_csv_atomic, write_json_atomic
 from python_task.runtime import accelerator_present, library_versions
 from python_task.training.checkpoints import (
     CHECKPOINT_DIR,
@@ -301,7 +301,7 @@ def _finished_metrics(cfg: TrainConfig) -> dict[str, float] | None:
     saved = json.loads(config.read_text())
     if comparable_settings(saved) != cfg.comparable():
         raise TaskError(cfg.out, "holds a finished run with other settings; choose another `out`")
-    return json.loads(metrics.read_text())
+    return nan_for_null(json.loads(metrics.read_text()))
 
 
 def _check_resume_config(cfg: TrainConfig) -> None:

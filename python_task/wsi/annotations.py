@@ -2,9 +2,25 @@
 
 Three formats are read, recognised from the file's content (never its name):
 
-* QuPath GeoJSON: a ``FeatureCollection``, a bare JSON array of Features, or a single Feature.
+* QuPath GeoJSON: a ``FeatureCollection``, a bare JSON array of Features, or a single Feature, as every QuPath
+  from 0.2 to 0.7 writes it (object types, classes and derived classes in each version's form, below).
 * ASAP XML (``<ASAP_Annotations>``), as written by ASAP and the CAMELYON challenges.
 * Aperio ImageScope XML (``<Annotations>`` of layers of ``<Region>``), usually without an ``<?xml?>`` line.
+
+Any of them may come gzip-compressed (QuPath's ``.geojson.gz`` export, since 0.4) or in a ZIP archive (QuPath's
+``.zip`` export, since 0.3: one ``<name>.geojson`` entry; the GeoJSON entries of an archive are read together).
+
+QuPath's object types, as ``PathObjectTypeAdapter.read`` in ``qupath-core/.../io/QuPathTypeAdapters.java`` resolves
+them (v0.4.0 to v0.7.0; ``PathObjectTypeAdapters.java`` in v0.3): ``properties.objectType`` (written since 0.4), else
+``properties.object_type`` (written by 0.3), else ``properties.type``, else the feature's ``id`` when it is a Java
+class name (0.2 wrote ``"id": "PathCellObject"``); anything else is an annotation. Only annotations are regions:
+cells, detections, tiles, TMA cores and the root are skipped and counted.
+
+QuPath's classes: ``{"name": "Tumor"}`` (every version), ``{"names": ["Tumor", "Positive"]}`` (a derived class, 0.4
+and later, ``GsonTools.PathClassTypeAdapter``), ``{"parentClass": {"name": "Tumor"}, "name": "Positive"}`` (a
+derived class as 0.2 and 0.3 serialise ``PathClass``), or a plain string ``"Tumor: Positive"``. A derived class is
+kept whole: ``class_name`` ``"Tumor: Positive"`` (QuPath's own spelling) and ``class_parts`` ``("Tumor",
+"Positive")``, so a labels file may name either the derived class or its base.
 
 Every polygon is repaired (:func:`shapely.make_valid`, polygonal parts only); empty or zero-area shapes, points
 and lines are skipped. Exclusions (ASAP exclusion groups, ImageScope ``NegativeROA`` regions) are subtracted
@@ -14,10 +30,14 @@ from the positive regions they overlap and are not returned themselves.
 from __future__ import annotations
 
 import dataclasses
+import gzip
+import io
 import json
 import logging
 import math
 import xml.etree.ElementTree as ET
+import zipfile
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +59,22 @@ _NOT_ANNOTATIONS = "not a QuPath GeoJSON, ASAP XML or Aperio ImageScope XML file
 # puts tumour in groups "_0"/"_1" and non-tumour areas inside them in "_2".
 EXCLUSION_GROUPS = frozenset({"negative", "exclusion", "exclusions", "exclude", "excluded", "trash", "_2"})
 _ASAP_AREA_TYPES = frozenset({"polygon", "rectangle", "spline"})
-# QuPath object types that are machine output, not a pathologist's annotation.
-_QUPATH_SKIPPED_OBJECTS = frozenset({"detection", "cell", "tile"})
+# QuPath's object types (casefolded) by the names its versions write: v0.3+ ``objectType``/``object_type`` values,
+# and the Java class names v0.2 put in the feature's ``id`` (LEGACY_TYPE_IDS in QuPathTypeAdapters.java). An
+# unrecognised name is an annotation, as in QuPath ("Unknown object type {}, I will create an annotation").
+_QUPATH_TYPES = {"annotation": "annotation", "pathannotationobject": "annotation",
+                 "detection": "detection", "pathdetectionobject": "detection",
+                 "cell": "cell", "pathcellobject": "cell",
+                 "tile": "tile", "pathtileobject": "tile",
+                 "tma_core": "tma_core", "tmacore": "tma_core", "tmacoreobject": "tma_core",
+                 "root": "root", "pathrootobject": "root"}
+_QUPATH_LEGACY_IDS = frozenset({"PathAnnotationObject", "PathDetectionObject", "PathCellObject", "PathTileObject",
+                                "TMACoreObject", "PathRootObject"})
+# Machine output (e.g. predict's tiles.geojson), returned as regions only with ``include_detections``.
+_QUPATH_DETECTIONS = frozenset({"detection", "cell", "tile"})
+QUPATH_CLASS_DELIMITER = ":"  # PathClass.DELIMITER: "Tumor: Positive" is the class Positive derived from Tumor
+# A compressed annotation file may not unpack to more than this (a damaged or hostile archive must not fill memory).
+MAX_UNPACKED_BYTES = 2 << 30
 
 
 @dataclass(frozen=True)
@@ -57,6 +91,14 @@ class Region:
     source_format: str
     name: str | None = None
     color: tuple[int, int, int] | None = None
+    class_parts: tuple[str, ...] = ()  # a QuPath derived class, base first: ("Tumor", "Positive")
+
+    @property
+    def class_path(self) -> tuple[str, ...]:
+        """The class as its parts, base first; a class that is not derived is one part (none when unclassified)."""
+        if self.class_parts:
+            return self.class_parts
+        return (self.class_name,) if self.class_name else ()
 
     def describe(self) -> str:
         """``region 3 (Tumor)``: how messages refer to this region."""
@@ -80,25 +122,33 @@ def detect_format(path: str | Path) -> str:
 def read_annotations(path: str | Path, *, include_detections: bool = False) -> list[Region]:
     """Read every polygonal annotation in ``path`` (format detected from content), repaired and non-empty.
 
-    QuPath detections (``objectType`` detection/cell/tile: machine output such as ``predict``'s tiles) are
-    skipped unless ``include_detections``.
+    QuPath objects that are not annotations (cells, detections, tiles, TMA cores: machine output such as a cell
+    detection or ``predict``'s tiles) are skipped, and their count logged; with ``include_detections`` cells,
+    detections and tiles are returned too.
 
     Raises :class:`AnnotationError` naming the file when it is missing, unreadable, of another format, malformed,
     or holds no polygonal annotation at all.
     """
     path = Path(path)
     fmt, content = _load(path)
+    skipped: Counter[str] = Counter()
     try:
         if fmt == "qupath":
-            shapes = list(_parse_qupath(content, include_detections=include_detections))
+            shapes = list(_parse_qupath(content, include_detections=include_detections, skipped=skipped))
         elif fmt == "asap":
             shapes = _parse_asap(content)
         else:
             shapes = _parse_imagescope(content)
     except _Invalid as exc:
         raise AnnotationError(path, str(exc)) from None
-    regions = [Region(index=i, class_name=cls, geometry=geom, source_format=fmt, name=name, color=color)
-               for i, (cls, geom, name, color) in enumerate(shapes)]
+    if skipped:
+        log.info("%s: skipped %d QuPath objects that are not annotations (%s)", path, sum(skipped.values()),
+                 ", ".join(f"{n} {kind}" for kind, n in skipped.most_common()))
+    regions = []
+    for i, (cls, geom, name, color) in enumerate(shapes):
+        parts = cls if isinstance(cls, tuple) else ((cls,) if cls else ())  # QuPath gives a class's parts
+        regions.append(Region(index=i, class_name=": ".join(parts), geometry=geom, source_format=fmt, name=name,
+                              color=color, class_parts=parts if len(parts) > 1 else ()))
     if not regions:
         raise AnnotationError(path, f"no polygon annotation found in this {_FORMAT_NAMES[fmt]} file "
                               "(points, lines and zero-area shapes are ignored)")
@@ -163,8 +213,76 @@ _FORMAT_NAMES = {"qupath": "QuPath GeoJSON", "asap": "ASAP XML", "imagescope": "
 
 
 def _load(path: Path) -> tuple[str, Any]:
-    """Read ``path`` and return its format with the parsed document (JSON object or XML root element)."""
+    """Read ``path`` and return its format with the parsed document (JSON object or XML root element); a gzip file
+    or a ZIP archive is unpacked first."""
     data = _read_bytes(path)
+    if data.startswith(_GZIP_MAGIC):
+        return _parse_bytes(path, _gunzip(path, data), packed=True)
+    if data.startswith(_ZIP_MAGIC):
+        return _load_zip(path, data)
+    return _parse_bytes(path, data)
+
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # an archive with entries, an empty archive
+
+
+def _gunzip(path: Path, data: bytes) -> bytes:
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(data)) as fh:
+            out = fh.read(MAX_UNPACKED_BYTES + 1)
+    except (OSError, EOFError, ValueError) as exc:  # BadGzipFile is an OSError; a truncated stream an EOFError
+        raise AnnotationError(path, f"damaged gzip file ({exc})") from None
+    if len(out) > MAX_UNPACKED_BYTES:
+        raise AnnotationError(path, f"gzip file unpacks to more than {MAX_UNPACKED_BYTES >> 30} GiB")
+    return out
+
+
+def _load_zip(path: Path, data: bytes) -> tuple[str, Any]:
+    """A ZIP archive, as QuPath's export writes it (one ``<name>.geojson`` entry) or holding several files: every
+    entry that is an annotation file is read; GeoJSON entries are merged, in archive order. An archive of XML
+    files must hold exactly one."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        entries = [info for info in archive.infolist() if not info.is_dir()
+                   and not any(part.startswith((".", "__MACOSX")) for part in info.filename.split("/"))]
+        documents: list[tuple[str, str, Any]] = []
+        total = 0
+        for info in entries:
+            with archive.open(info) as fh:
+                content = fh.read(MAX_UNPACKED_BYTES + 1 - total)
+            total += len(content)
+            if total > MAX_UNPACKED_BYTES:
+                raise AnnotationError(path, f"ZIP archive unpacks to more than {MAX_UNPACKED_BYTES >> 30} GiB")
+            if content.startswith(_GZIP_MAGIC):
+                content = _gunzip(path, content)
+            try:
+                fmt, doc = _parse_bytes(path, content)
+            except AnnotationError as exc:
+                log.debug("%s: ZIP entry %s skipped: %s", path, info.filename, exc.cause)
+                continue
+            documents.append((info.filename, fmt, doc))
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError, OSError,
+            EOFError) as exc:  # RuntimeError: an encrypted entry
+        raise AnnotationError(path, f"damaged or unsupported ZIP archive ({exc})") from None
+    names = ", ".join(info.filename for info in entries[:5]) + (" ..." if len(entries) > 5 else "")
+    if not documents:
+        raise AnnotationError(path, f"ZIP archive without an annotation file ({len(entries)} entries"
+                              f"{': ' + names if entries else ''})")
+    geojson = [doc for _, fmt, doc in documents if fmt == "qupath"]
+    if geojson:
+        for name, fmt, _ in documents:
+            if fmt != "qupath":
+                log.warning("%s: ZIP entry %s (%s) ignored beside the GeoJSON entries", path, name, _FORMAT_NAMES[fmt])
+        return "qupath", [feature for doc in geojson for feature in _all_features(doc)]
+    if len(documents) > 1:
+        raise AnnotationError(path, f"ZIP archive holds {len(documents)} XML annotation files "
+                              f"({', '.join(name for name, _, _ in documents[:5])}); unpack it and give one")
+    return documents[0][1], documents[0][2]
+
+
+def _parse_bytes(path: Path, data: bytes, packed: bool = False) -> tuple[str, Any]:
+    """The format and parsed document of an annotation file's bytes."""
     head = data[3:] if data.startswith(b"\xef\xbb\xbf") else data
     head = head.lstrip()
     if not head:
@@ -180,7 +298,8 @@ def _load(path: Path) -> tuple[str, Any]:
         if tag == "Annotations" and all(_local(child.tag) == "Annotation" for child in root):
             return "imagescope", root
         raise AnnotationError(path, f"{_NOT_ANNOTATIONS} (XML root element <{tag}>)")
-    raise AnnotationError(path, f"{_NOT_ANNOTATIONS} (neither JSON nor XML)")
+    raise AnnotationError(path, f"{_NOT_ANNOTATIONS} ({'unpacked content is ' if packed else ''}neither JSON "
+                          "nor XML)")
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -236,7 +355,8 @@ def _child(element: ET.Element, name: str) -> ET.Element | None:
 # --------------------------------------------------------------------------------------------------------------
 # Geometry helpers
 
-_Shape = tuple[str, BaseGeometry, str | None, tuple[int, int, int] | None]  # class, geometry, name, colour
+# class (a name, or for QuPath the parts of a derived class), geometry, name, colour
+_Shape = tuple[str | tuple[str, ...], BaseGeometry, str | None, tuple[int, int, int] | None]
 
 
 def _polygonal(geom: BaseGeometry) -> BaseGeometry:
@@ -320,17 +440,19 @@ def _hex_rgb(value: str | None) -> tuple[int, int, int] | None:
 # QuPath GeoJSON
 
 
-def _parse_qupath(doc: Any, *, include_detections: bool = False) -> Iterator[_Shape]:
-    features = _features(doc)
-    for number, feature in enumerate(features):
+def _parse_qupath(doc: Any, *, include_detections: bool = False,
+                  skipped: Counter[str] | None = None) -> Iterator[_Shape]:
+    for number, feature in enumerate(_all_features(doc)):
         if not isinstance(feature, dict):
             raise _Invalid(f"feature {number} is not a JSON object")
         props = feature.get("properties") or {}
         if not isinstance(props, dict):
             props = {}
-        object_type = str(props.get("objectType", "annotation")).lower()
-        if object_type in _QUPATH_SKIPPED_OBJECTS and not include_detections:
+        object_type = _qupath_object_type(feature, props)
+        if object_type != "annotation" and not (include_detections and object_type in _QUPATH_DETECTIONS):
             log.debug("feature %d skipped: QuPath %s object, not an annotation", number, object_type)
+            if skipped is not None:
+                skipped[object_type] += 1
             continue
         geometry = _geojson_geometry(feature.get("geometry"), f"feature {number}")
         if geometry is None:
@@ -339,9 +461,25 @@ def _parse_qupath(doc: Any, *, include_detections: bool = False) -> Iterator[_Sh
         if geometry.is_empty:
             log.debug("feature %d skipped: empty or zero-area polygon", number)
             continue
-        class_name, color = _qupath_class(props)
+        parts, color = _qupath_class(props)
         name = props.get("name")
-        yield class_name, geometry, (str(name) if name not in (None, "") else None), color
+        yield parts, geometry, (str(name) if name not in (None, "") else None), color
+
+
+def _all_features(doc: Any) -> list[Any]:
+    """Every Feature of a GeoJSON document, with the ``childObjects`` (or ``children``) QuPath nests inside a
+    feature's properties when it writes a hierarchy (v0.4+) listed after their parent."""
+    out: list[Any] = []
+    stack = list(reversed(_features(doc)))
+    while stack:
+        feature = stack.pop()
+        out.append(feature)
+        props = feature.get("properties") if isinstance(feature, dict) else None
+        if isinstance(props, dict):
+            children = props.get("childObjects", props.get("children"))
+            if isinstance(children, list):
+                stack.extend(reversed(children))
+    return out
 
 
 def _features(doc: Any) -> list[Any]:
@@ -389,20 +527,56 @@ def _geojson_polygon(coords: Any, where: str) -> BaseGeometry:
     return _polygon(rings[0], rings[1:])
 
 
-def _qupath_class(props: dict[str, Any]) -> tuple[str, tuple[int, int, int] | None]:
-    """Class name and colour: the classification's first, then the annotation's own."""
+def _qupath_object_type(feature: dict[str, Any], props: dict[str, Any]) -> str:
+    """``annotation``, ``detection``, ``cell``, ``tile``, ``tma_core`` or ``root``, read as QuPath reads it: the
+    first of ``objectType``, ``object_type`` and ``type`` in the properties, else a v0.2 class name in ``id``."""
+    for key in ("objectType", "object_type", "type"):
+        if key in props:
+            value = props[key]
+            return _QUPATH_TYPES.get(str(value).strip().casefold(), "annotation")
+    feature_id = feature.get("id")
+    if isinstance(feature_id, str) and feature_id in _QUPATH_LEGACY_IDS:
+        return _QUPATH_TYPES[feature_id.casefold()]
+    return "annotation"
+
+
+def _qupath_class(props: dict[str, Any]) -> tuple[tuple[str, ...], tuple[int, int, int] | None]:
+    """A feature's class as its parts (base first) and its colour: the classification's, else the object's own
+    name and colour. Reads every form QuPath writes (see the module docstring)."""
     classification = props.get("classification")
-    class_name = ""
+    parts: tuple[str, ...] = ()
     color = None
     if isinstance(classification, dict):
-        class_name = str(classification.get("name") or "")
+        parts = _qupath_class_parts(classification)
         color = _rgb(classification.get("color")) or _rgb(classification.get("colorRGB"))
     elif isinstance(classification, str):
-        class_name = classification
-    if not class_name:
-        class_name = str(props.get("name") or "")
+        parts = _split_class(classification)
+    if not parts:
+        name = str(props.get("name") or "").strip()
+        parts = (name,) if name else ()
     color = color or _rgb(props.get("color")) or _rgb(props.get("colorRGB"))
-    return class_name.strip(), color
+    return parts, color
+
+
+def _qupath_class_parts(classification: dict[str, Any]) -> tuple[str, ...]:
+    names = classification.get("names")
+    if isinstance(names, list):  # v0.4+: a derived class as the list of its names
+        return tuple(part for name in names for part in _split_class(name))
+    parts: list[str] = []
+    seen = 0
+    node: Any = classification
+    while isinstance(node, dict) and seen < 64:  # v0.2/v0.3: the leaf, its parentClass, and so on up to the base
+        parts[:0] = _split_class(node.get("name"))
+        node = node.get("parentClass")
+        seen += 1
+    return tuple(parts)
+
+
+def _split_class(value: Any) -> tuple[str, ...]:
+    """``"Tumor: Positive"`` -> ``("Tumor", "Positive")``, as ``PathClass.fromString`` splits a class name."""
+    if value is None or isinstance(value, dict | list):
+        return ()
+    return tuple(part for part in (" ".join(p.split()) for p in str(value).split(QUPATH_CLASS_DELIMITER)) if part)
 
 
 # --------------------------------------------------------------------------------------------------------------

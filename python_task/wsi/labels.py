@@ -9,10 +9,16 @@ mean it, plus an optional ``ignore`` list of names to skip silently::
 
 Names match case-insensitively with surrounding (and repeated inner) whitespace ignored; each target also
 matches its own name.
+
+A QuPath derived class (``Cholangiocarcinoma: Grade 2``, the class ``Grade 2`` derived from ``Cholangiocarcinoma``)
+matches its full name first, then its parent's (``Cholangiocarcinoma``), and so on down to its base class: a labels
+file may list the derived class (to map or ignore it alone) or only its base (to map every class derived from it).
+Spaces around the ``:`` do not matter.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +39,12 @@ NO_CLASS = "<none>"
 _MAX_LISTED = 20
 
 
+_DERIVED = re.compile(r"\s*:\s*")
+
+
 def normalize(name: str) -> str:
-    """The key names are compared by: casefolded, whitespace trimmed and collapsed."""
-    return " ".join(str(name).split()).casefold()
+    """The key names are compared by: casefolded, whitespace trimmed and collapsed, ``A:B`` spelt ``a: b``."""
+    return _DERIVED.sub(": ", " ".join(str(name).split())).casefold()
 
 
 @dataclass(frozen=True)
@@ -44,15 +53,23 @@ class LabelMap:
     aliases: Mapping[str, str]
     ignored: frozenset[str] = frozenset()
 
-    def target_of(self, class_name: str) -> str | None:
-        """The target class of an annotation class name; None when it is unknown or ignored."""
-        key = normalize(class_name)
-        if key in self.ignored:
-            return None
-        return self.aliases.get(key)
+    def target_of(self, class_name: str, parts: Sequence[str] = ()) -> str | None:
+        """The target class of an annotation class (its name, or the parts of a derived class, base first); None
+        when it is unknown or ignored."""
+        return self.resolve(class_name, parts)[1]
 
-    def is_ignored(self, class_name: str) -> bool:
-        return normalize(class_name) in self.ignored
+    def is_ignored(self, class_name: str, parts: Sequence[str] = ()) -> bool:
+        return self.resolve(class_name, parts)[0] == "ignored"
+
+    def resolve(self, class_name: str, parts: Sequence[str] = ()) -> tuple[str, str | None]:
+        """``("mapped", target)``, ``("ignored", None)`` or ``("unknown", None)`` for an annotation class: the most
+        specific of its names the labels file lists decides (the full derived name, then its parents')."""
+        for key in _candidates(class_name, parts):
+            if key in self.ignored:
+                return "ignored", None
+            if key in self.aliases:
+                return "mapped", self.aliases[key]
+        return "unknown", None
 
     def index_of(self, target: str) -> int:
         """Index of a target class in ``label_names``; KeyError when it is not one."""
@@ -142,10 +159,10 @@ def label_regions(regions: Sequence[Region], label_map: LabelMap, *, ignore_unkn
     skipped: dict[str, int] = {}
     unknown: dict[str, int] = {}
     for region in regions:
-        if label_map.is_ignored(region.class_name):
+        status, target = label_map.resolve(region.class_name, region.class_path)
+        if status == "ignored":
             skipped["ignored"] = skipped.get("ignored", 0) + 1
             continue
-        target = label_map.target_of(region.class_name)
         if target is None:
             name = region.class_name.strip() or NO_CLASS
             unknown[name] = unknown.get(name, 0) + 1
@@ -161,6 +178,17 @@ def label_regions(regions: Sequence[Region], label_map: LabelMap, *, ignore_unkn
     for name, count in unknown.items():
         skipped[name] = skipped.get(name, 0) + count
     return labelled, skipped
+
+
+def _candidates(class_name: str, parts: Sequence[str]) -> list[str]:
+    """The normalised names an annotation class may be listed under, most specific first: ``a: b: c``, ``a: b``,
+    ``a`` for a derived class given by its parts; the name alone otherwise."""
+    keys = [normalize(class_name)]
+    for k in range(len(parts) - 1, 0, -1):
+        key = normalize(": ".join(parts[:k]))
+        if key not in keys:
+            keys.append(key)
+    return keys
 
 
 def _name(value: Any, path: str | Path | None, what: str) -> str:

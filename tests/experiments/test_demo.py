@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import csv
+import os
+import stat
+from collections import Counter
 
 from python_task.experiments.demo import DemoConfig, run_demo
 
 
 def test_reduced_demo_runs_the_whole_chain(tmp_path):
     cfg = DemoConfig(patients=4, slide_size=2048, folds=2, archs=("simple_cnn",), stains=("none",), epochs=1)
-    outputs = run_demo(tmp_path / "demo", cfg)
+    old_mask = os.umask(0o022)
+    try:
+        outputs = run_demo(tmp_path / "demo", cfg)
+    finally:
+        os.umask(old_mask)
+    _assert_readable_by_all(tmp_path / "demo")
     for path in outputs.values():
         assert path.exists(), path
     with open(outputs["results"], newline="") as fh:
@@ -20,3 +28,18 @@ def test_reduced_demo_runs_the_whole_chain(tmp_path):
     assert len(heatmaps) == 2  # one slide of each diagnosis
     again = run_demo(tmp_path / "demo", cfg)  # resumes: nothing to redo
     assert again == outputs
+
+
+def _assert_readable_by_all(root):
+    """Under umask 022 every output of every command the demo runs (synth: slides, GeoJSON, cohort.csv; extract:
+    shards, manifest; split; sweep: train's model.keras, metrics.json, config.json, CSVs, logs; report: HTML, CSV,
+    PNG; predict: heatmap.png, probabilities.npy, tiles.geojson, slide.json) is 0644 and every folder 0755, as
+    ``open()`` and ``mkdir`` give: colleagues on a shared filesystem can read them."""
+    modes, kinds = {}, Counter()
+    for path in root.rglob("*"):
+        modes[path.relative_to(root).as_posix()] = stat.S_IMODE(path.stat().st_mode)
+        kinds[path.suffix] += path.is_file()
+    wrong = {p: oct(m) for p, m in modes.items() if m != (0o755 if (root / p).is_dir() else 0o644)}
+    assert not wrong, wrong
+    for suffix in (".tiff", ".geojson", ".csv", ".h5", ".json", ".keras", ".png", ".html", ".npy", ".log"):
+        assert kinds[suffix] > 0, suffix  # every kind of output was there to check

@@ -98,3 +98,21 @@ def test_cli_exit_status(tmp_path, synth_shards, splits_file):
     with open(tmp_path / "o" / "results.csv") as fh:
         row = next(csv.DictReader(fh))
     assert row["status"] == "failed" and "no_such_arch" in row["error"]
+
+
+def test_null_metrics_stay_nan_in_the_results_table(tmp_path, synth_shards, splits_file, monkeypatch):
+    """metrics.json is strict JSON (a metric without a value is null); results.csv keeps writing nan."""
+    from python_task.experiments import sweep
+
+    script = ("import math, pathlib, sys; from python_task.fileio import write_json_atomic; "
+              "from python_task.training.metrics import CONTRACT_METRICS; "
+              "write_json_atomic(pathlib.Path(sys.argv[1]) / 'metrics.json', "
+              "{m: math.nan if m == 'val_slide_auc' else 0.5 for m in CONTRACT_METRICS})")
+    monkeypatch.setattr(sweep, "train_command", lambda plan, point, out: [sys.executable, "-c", script, str(out)])
+    path = _plan(tmp_path, synth_shards, splits_file, factors={"arch": ["simple_cnn"], "fold": [0]})
+    run_sweep(path, tmp_path / "sweep", progress=False)
+    (point,) = (tmp_path / "sweep" / "points").iterdir()
+    assert '"val_slide_auc": null' in (point / "metrics.json").read_text()
+    with open(tmp_path / "sweep" / "results.csv", newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert row["status"] == "ok" and row["val_slide_auc"] == "nan" and row["val_auc"] == "0.5"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -13,6 +14,8 @@ from python_task.errors import TaskError
 from python_task.inference.predict import PROBABILITY_KEY, predict_slide
 from python_task.wsi.annotations import read_annotations
 from python_task.wsi.cohort import read_cohort
+from tests.test_fileio import strict_loads
+from tests.wsi.qupath_exports import VERSIONS, QuPathRefuses, qupath_import
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +59,15 @@ def test_geojson_detections_sit_on_the_tiles_that_produced_them(predicted):
     step, extent = summary["grid"]["step"], summary["grid"]["tile_extent"]
     assert grid.shape == tuple(summary["grid"]["shape"]) and np.isfinite(grid).sum() == summary["n_tiles"]
     for feature in geo["features"]:
-        assert feature["properties"]["objectType"] == "detection"
+        assert feature["properties"]["objectType"] == "detection" and feature["id"] == "PathDetectionObject"
         ring = np.asarray(feature["geometry"]["coordinates"][0])
         x0, y0 = ring.min(axis=0)
         assert np.allclose(ring.max(axis=0) - ring.min(axis=0), extent, atol=0.02)
         col, row = x0 / step, y0 / step
         assert col == pytest.approx(round(col), abs=1e-6) and row == pytest.approx(round(row), abs=1e-6)
-        p = feature["properties"]["measurements"][PROBABILITY_KEY]
+        (measurement,) = feature["properties"]["measurements"]
+        assert measurement["name"] == PROBABILITY_KEY
+        p = measurement["value"]
         assert grid[round(row), round(col)] == pytest.approx(p, abs=1e-5)  # the heat-map cell of this tile
         expected = "malignant" if p >= summary["threshold"] else "benign"
         assert feature["properties"]["classification"]["name"] == expected
@@ -71,6 +76,56 @@ def test_geojson_detections_sit_on_the_tiles_that_produced_them(predicted):
     assert {r.class_name for r in back} <= {"benign", "malignant"}
     assert back[0].geometry.area == pytest.approx(extent**2, rel=1e-3)
     assert read_annotations(job.annotation_path)  # the inputs still read as annotations
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_every_qupath_imports_the_tiles_as_detections_with_their_probability(predicted, version):
+    """tiles.geojson in the form QuPath 0.2 to 0.7 all read (QuPath's readers, emulated in qupath_exports and run
+    for real by QuPath's own reader of each version): a detection, its class, the malignant_probability measurement."""
+    _, summary, out = next(iter(predicted.values()))
+    geo = json.loads((out / "tiles.geojson").read_text())
+    for feature in geo["features"][:50]:
+        kind, name, measurements = qupath_import(feature, version)
+        assert kind == "PathDetectionObject" and name in ("benign", "malignant")
+        assert set(measurements) == {PROBABILITY_KEY}
+        expected = "malignant" if measurements[PROBABILITY_KEY] >= summary["threshold"] else "benign"
+        assert name == expected
+
+
+def test_the_former_tiles_form_fails_in_old_qupath(predicted):
+    """What the former form did (seen with QuPath's own readers): 0.2 refuses it (no id),
+    0.3 makes annotations without the measurement, 0.4+ read it."""
+    _, _, out = next(iter(predicted.values()))
+    feature = json.loads((out / "tiles.geojson").read_text())["features"][0]
+    old = {"type": "Feature", "geometry": feature["geometry"], "properties": {
+        "objectType": "detection", "classification": {"name": "benign", "color": [64, 160, 64]},
+        "measurements": {PROBABILITY_KEY: 0.25}}}
+    with pytest.raises(QuPathRefuses):
+        qupath_import(old, "0.2")
+    assert qupath_import(old, "0.3") == ("PathAnnotationObject", "benign", {})
+    assert qupath_import(old, "0.4") == ("PathDetectionObject", "benign", {PROBABILITY_KEY: 0.25})
+
+
+def test_slide_json_is_strict_json_with_null_for_a_region_without_tiles(trained_model, val_jobs, tmp_path):
+    """A region too small for any tile has no mean probability: slide.json says null (valid JSON for every
+    parser), and the summary returned in Python keeps NaN."""
+    job = val_jobs[0]
+    doc = json.loads(job.annotation_path.read_text())
+    ring = doc["features"][0]["geometry"]["coordinates"][0]
+    x, y = ring[0]
+    tiny = [[x, y], [x + 8, y], [x + 8, y + 8], [x, y + 8], [x, y]]
+    doc["features"].append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [tiny]},
+                            "properties": {"objectType": "annotation", "classification": {"name": "Tiny"}}})
+    annotations = tmp_path / "with_tiny.geojson"
+    annotations.write_text(json.dumps(doc))
+    summary = predict_slide(trained_model, job.slide_path, tmp_path / "out", annotations=annotations, progress=False)
+    assert math.isnan(summary["regions"][-1]["mean_probability"])
+    text = (tmp_path / "out" / "slide.json").read_text()
+    saved = strict_loads(text)
+    assert "NaN" not in text and saved["regions"][-1] == {"index": len(doc["features"]) - 1, "class": "Tiny",
+                                                          "n_tiles": 0, "mean_probability": None}
+    assert saved["classes"]["Tiny"] == {"n_tiles": 0, "mean_probability": None}
+    assert strict_loads((tmp_path / "out" / "tiles.geojson").read_text())["type"] == "FeatureCollection"
 
 
 def test_malignant_regions_score_higher_than_benign(predicted):

@@ -154,6 +154,42 @@ def test_reads_without_file_locking(tmp_path):
         holder.wait()
 
 
+@pytest.mark.parametrize("codec", ["raw", "jpeg"])
+def test_datasets_carry_units_and_meaning(tmp_path, codec):
+    """Plain h5py finds each dataset's units and meaning on the dataset itself (docs/formats.md)."""
+    path = tmp_path / "S1.h5"
+    _write(path, codec, _tiles(3))
+    with h5py.File(path, "r") as f:
+        for name in ("images", "coords", "labels", "roi", "coverage", "tissue"):
+            assert f[name].attrs["units"] and f[name].attrs["description"], name
+        assert f["coords"].attrs["units"] == "level-0 pixels"
+        assert "top-left corner" in f["coords"].attrs["description"]
+        assert "tile_size * downsample" in f["coords"].attrs["description"]
+        assert "label_names" in f["labels"].attrs["description"]
+        assert f["coverage"].attrs["units"] == f["tissue"].attrs["units"] == "fraction, 0 to 1"
+
+
+@pytest.mark.parametrize("first", ["reader", "plain", "plain-unlocked"])
+def test_plain_h5py_and_the_reader_share_an_open_shard(tmp_path, first):
+    """A user's ``h5py.File(path, "r")`` in a process where the reader holds the shard open (and the other way
+    round) opens it: HDF5 refuses a second open whose locking setting differs ("file locking flag values don't
+    match"), so the reader opens as plain h5py does, and falls back to no locking only when locking fails."""
+    path = tmp_path / "S1.h5"
+    _write(path, "jpeg", _tiles(3))
+    if first == "reader":
+        with ShardReader(path) as r:
+            r.images([0])
+            with h5py.File(path, "r") as f:
+                assert f["coords"].shape == (3, 2)
+            assert r.images([1]).shape == (1, 32, 32, 3)
+    else:
+        with h5py.File(path, "r", **({"locking": False} if first == "plain-unlocked" else {})) as f:
+            with ShardReader(path) as r:
+                assert r.images().shape == (3, 32, 32, 3)
+                assert read_shard_info(path).n_tiles == 3
+            assert f["labels"].shape == (3,)
+
+
 def test_manifest_lists_shards_with_counts(tmp_path):
     _write(tmp_path / "S1.h5", "jpeg", _tiles(4), labels=np.array([0, 0, 0, 1]))
     _write(tmp_path / "S2.h5", "raw", _tiles(2), labels=np.array([1, 1]))

@@ -134,3 +134,19 @@ def test_leaking_split_is_refused(learn_data, tmp_path):
     leaky.write_text(json.dumps(data))
     with pytest.raises(TaskError, match="leak"):
         train(_cfg((shards, leaky), tmp_path / "o"))
+
+
+def test_checkpoint_state_is_strict_json_and_reads_back(tmp_path):
+    """state.json holds -inf (no best AUC yet) and NaN metrics: written null, read back as they were."""
+    import dataclasses
+
+    from python_task.fileio import write_json_atomic
+    from python_task.training.checkpoints import RunState, read_state
+
+    state = RunState(epoch=1, history=[{"loss": 0.5, "val_auc": math.nan}])
+    write_json_atomic(tmp_path / "state.json", dataclasses.asdict(state))
+    text = (tmp_path / "state.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    back = read_state(tmp_path)
+    assert back.best_auc == -math.inf and back.epoch == 1 and back.history[0]["loss"] == 0.5
+    assert math.isnan(back.history[0]["val_auc"])
