@@ -192,8 +192,14 @@ def run_epochs(cfg: TrainConfig, model, train_model, data: RunData, state: RunSt
             compile_model(train_model, cfg, cfg.lr * FINE_TUNE_LR_FACTOR)
         t0 = time.perf_counter()
         data.train_batches.set_epoch(epoch)
-        hist = train_model.fit(data.train_batches, epochs=1, verbose=0, class_weight=class_weight, shuffle=False,
-                               callbacks=[progress.callback(epoch, cfg.epochs, len(data.train_batches))])
+        try:
+            hist = train_model.fit(data.train_batches, epochs=1, verbose=0, class_weight=class_weight,
+                                   shuffle=False, callbacks=[progress.callback(epoch, cfg.epochs,
+                                                                               len(data.train_batches))])
+        except Exception:
+            if data.reader_error() is not None:  # a damaged shard: its own error, not the backend's wrapper
+                raise data.reader_error() from None
+            raise
         loss = float(hist.history["loss"][-1])
         if not math.isfinite(loss):
             raise TaskError(cfg.out, f"training loss became {loss} at epoch {epoch + 1}: lower `lr` "

@@ -115,7 +115,8 @@ def test_rerun_skips_finished_shards_and_resumes(synth_cohort, tmp_path):
     assert (tmp_path / f"{jobs[0].slide_id}.h5").stat().st_mtime_ns == stamp
     with open(tmp_path / "manifest.csv") as fh:
         assert len(list(csv.DictReader(fh))) == 3
-    with pytest.raises(TaskError, match="other parameters"):
+    assert not list(tmp_path.glob(".*.tmp"))  # the killed run's temporary file is gone
+    with pytest.raises(TaskError, match="other settings .*`tile_size` 256 there, 128 now"):
         extract_cohort(jobs[:1], tmp_path, ExtractParams(tile_size=128), progress=False)
 
 
