@@ -27,7 +27,13 @@ from sklearn.utils.class_weight import compute_class_weight
 from tqdm import tqdm
 
 from python_task.errors import TaskError
-from python_task.fileio import atomic_path, write_csv_atomic, write_json_atomic
+from python_task.fileio import (
+    atomic_path,
+    folder_lock,
+    remove_stale_temporaries,
+    write_csv_atomic,
+    write_json_atomic,
+)
 from python_task.runtime import accelerator_present, library_versions
 from python_task.training.checkpoints import (
     CHECKPOINT_DIR,
@@ -61,8 +67,15 @@ PREDICTION_COLUMNS = ["slide_id", "patient_id", "x", "y", "label", "prob"]
 # --------------------------------------------------------------------------------------------- entry point
 
 def train(cfg: TrainConfig) -> dict[str, float]:
-    """Run (or resume, or recognise as finished) one training point; returns the metrics."""
-    cfg.out.mkdir(parents=True, exist_ok=True)
+    """Run (or resume, or recognise as finished) one training point; returns the metrics. Holds the lock of
+    ``cfg.out`` throughout (:class:`~python_task.errors.BusyError` when another run holds it)."""
+    with folder_lock(cfg.out, "train"):
+        for folder in (cfg.out, cfg.out / CHECKPOINT_DIR):  # what a killed run was writing
+            remove_stale_temporaries(folder)
+        return _train(cfg)
+
+
+def _train(cfg: TrainConfig) -> dict[str, float]:
     done = _finished_metrics(cfg)
     if done is not None:
         if cfg.verbose:
