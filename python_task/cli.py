@@ -97,7 +97,8 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--codec", choices=CODECS, default=EXTRACT.codec, help=f"tile storage (default {EXTRACT.codec})")
     p.add_argument("--quality", type=int, default=EXTRACT.quality, help=f"JPEG quality (default {EXTRACT.quality})")
     p.add_argument("--workers", type=int, default=1, help="slides processed in parallel (default 1)")
-    p.add_argument("--overwrite", action="store_true", help="redo slides whose shard already exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo slides whose shard already exists (also: replace the folder's recorded settings)")
     p.set_defaults(handler=_run_extract)
 
 
@@ -218,13 +219,15 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("plan", type=Path, help="PLAN.yaml (shards, splits, factors, fixed, optional random)")
     p.add_argument("--out", required=True, type=Path, help="output folder: results.csv and points/")
     p.add_argument("--jobs", type=int, default=1, help="points run in parallel (default 1)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let a plan with other shards, splits or fixed settings replace the folder's earlier results")
     p.set_defaults(handler=_run_sweep)
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
     from python_task.experiments.sweep import run_sweep
 
-    report = run_sweep(args.plan, args.out, jobs=args.jobs)
+    report = run_sweep(args.plan, args.out, jobs=args.jobs, overwrite=args.overwrite)
     print(f"results written: {report.results_csv}")
     return 1 if report.failed else 0
 
