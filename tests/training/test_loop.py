@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import subprocess
@@ -73,7 +74,8 @@ def test_killed_run_resumes_after_its_last_epoch(learn_data, tmp_path, monkeypat
             raise SystemExit("killed at wall time")
 
     monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
-    cfg = _cfg(learn_data, tmp_path / "run", epochs=3)
+    # dropout and augmentation layers in the model: their seed generators must continue, not restart
+    cfg = _cfg(learn_data, tmp_path / "run", epochs=3, augment="flip,rot90,elastic", augment_on="model")
     with pytest.raises(SystemExit):
         train(cfg)
     assert not (tmp_path / "run" / "metrics.json").exists()
@@ -81,10 +83,19 @@ def test_killed_run_resumes_after_its_last_epoch(learn_data, tmp_path, monkeypat
     assert state["epoch"] == 1
     metrics = train(cfg)
     assert calls["n"] == 3  # epochs 2 and 3 only: epoch 1 was not run again
-    with open(tmp_path / "run" / "history.csv") as fh:
-        assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [1, 2, 3]
     assert metrics["epochs_run"] == 3
     assert train(cfg) == metrics  # finished: nothing is retrained
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    uninterrupted = dataclasses.replace(cfg, out=tmp_path / "whole")
+    train(uninterrupted)
+
+    def history(folder):
+        with open(folder / "history.csv") as fh:
+            return [(int(r["epoch"]), float(r["loss"]), float(r["val_loss"])) for r in csv.DictReader(fh)]
+
+    assert [e for e, _, _ in history(tmp_path / "run")] == [1, 2, 3]
+    assert history(tmp_path / "run") == history(tmp_path / "whole")  # bit for bit: losses equal, not close
 
 
 def test_nan_loss_stops_with_a_clear_error(learn_data, tmp_path, monkeypatch):
