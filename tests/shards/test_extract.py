@@ -156,7 +156,9 @@ def test_bad_inputs_each_give_one_line_errors(synth_cohort, shared_data, tmp_pat
 
     truncated = tmp_path / "truncated.tiff"
     truncated.write_bytes(job.slide_path.read_bytes()[: job.slide_path.stat().st_size // 3])
-    _assert_one_line_error(_single(tmp_path, truncated, job.annotation_path), "truncated.tiff")
+    proc = _single(tmp_path, truncated, job.annotation_path)
+    _assert_one_line_error(proc, "truncated.tiff")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # no "ERROR tifffile: ..." beside it
     _no_shard_written(tmp_path)
 
     garbage = tmp_path / "notes.geojson"

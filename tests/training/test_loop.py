@@ -133,6 +133,7 @@ def test_cli_errors_are_one_line(learn_data, tmp_path):
         proc = _cli(*base, *extra)
         errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
         assert proc.returncode == 1 and len(errors) == 1 and needle in errors[0], proc.stderr
+        assert proc.stderr.strip().splitlines() == errors  # no absl, cpu_feature_guard or other library lines
     assert not (tmp_path / "o" / "metrics.json").exists()
 
 
@@ -145,3 +146,27 @@ def test_leaking_split_is_refused(learn_data, tmp_path):
     leaky.write_text(json.dumps(data))
     with pytest.raises(TaskError, match="leak"):
         train(_cfg((shards, leaky), tmp_path / "o"))
+
+
+def test_a_damaged_tile_met_during_training_is_named(learn_data, tmp_path):
+    """The reader threads' ShardError reaches the user as itself, not as the backend's wrapper (UnknownError)."""
+    import shutil
+
+    import h5py
+
+    from python_task.data.splits import load_fold
+    from python_task.errors import ShardError
+
+    shards, splits = learn_data
+    copy = shutil.copytree(shards, tmp_path / "shards")
+    victim = copy / f"{load_fold(splits, shards, 0).train_slides[0]}.h5"
+    with h5py.File(victim, "r+") as f:  # every tile's bytes changed, their recorded CRC-32 not
+        images = f["images"]
+        for i in range(images.shape[0]):
+            blob = images[i].copy()
+            blob[len(blob) // 2] ^= 0x01
+            images[i] = blob
+    with pytest.raises(ShardError, match="dataset images, tile .*: fails its CRC-32") as err:
+        train(_cfg((copy, splits), tmp_path / "run"))
+    assert err.value.path == str(victim)
+    assert not (tmp_path / "run" / "metrics.json").exists()
