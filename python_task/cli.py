@@ -34,6 +34,9 @@ Handler = Callable[[argparse.Namespace], int]
 EXTRACT = ExtractParams()
 SYNTH = SynthConfig()
 PACKAGE_LOGGER = "python_task"
+# multiprocessing's resource tracker (its own process) warns of the semaphores a killed extract worker held, which
+# it then cleans up: nothing for the user to do
+RESOURCE_TRACKER_WARNING = "ignore::UserWarning:multiprocessing.resource_tracker"
 
 
 def _default(value: object) -> str:
@@ -395,6 +398,8 @@ def configure_logging(verbose: bool, flags: Mapping[str, str]) -> None:
     if not verbose:
         handler.addFilter(_own_records)
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # read when TensorFlow loads, after this
+        if RESOURCE_TRACKER_WARNING not in sys.warnoptions:  # -W options reach the helper processes too
+            sys.warnoptions.append(RESOURCE_TRACKER_WARNING)
     logging.captureWarnings(True)
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, _StderrHandler)]:

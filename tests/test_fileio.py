@@ -123,3 +123,15 @@ def test_a_child_ends_with_its_parent(tmp_path):
     else:
         os.kill(pid, signal.SIGKILL)
         pytest.fail("the child outlived its parent")
+
+
+def test_a_full_disk_names_the_file_being_written_not_its_temporary(tmp_path):
+    import errno
+
+    final = tmp_path / "metrics.json"
+    with pytest.raises(OSError) as err:
+        with atomic_path(final) as tmp:
+            tmp.write_text("partial")
+            raise OSError(errno.ENOSPC, "No space left on device")  # as a file object's write raises it
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(final)
+    assert list(tmp_path.iterdir()) == []

@@ -151,15 +151,15 @@ def write_plan(reader: TileReader, plan: TilePlan, path: Path, params: ExtractPa
                 writer.append(buf[: stop - start], plan.coords[sl], plan.labels[sl], plan.roi[sl], plan.coverage[sl],
                               plan.tissue[sl])
                 bar.update(stop - start)
-    except OSError as exc:  # reads are turned into SlideError above: what is left is writing
+    except (OSError, RuntimeError) as exc:  # reads are turned into SlideError above: what is left is writing
         raise ShardError(path, f"cannot be written: {write_cause(exc)}") from None
     finally:
         bar.close()
 
 
-def write_cause(exc: OSError) -> str:
+def write_cause(exc: Exception) -> str:
     """A short cause for a failed write: ``no space left on device (errno 28)`` rather than HDF5's paragraph."""
-    code = exc.errno
+    code = getattr(exc, "errno", None)
     if code is None:
         found = re.search(r"errno = (\d+)", str(exc))
         code = int(found.group(1)) if found else None

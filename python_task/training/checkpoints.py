@@ -65,6 +65,10 @@ def save_model_atomic(model, final: Path) -> None:
     try:
         model.save(tmp)
         os.replace(tmp, final)
+    except OSError as exc:
+        if exc.filename in (None, str(tmp)):  # a full disk: name the model being written, not its temporary
+            raise OSError(exc.errno, exc.strerror or str(exc), str(final)) from exc
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -17,7 +17,6 @@ from python_task.data.dataset import ShardBatches, TileFetcher, build_index
 from python_task.errors import ShardError
 from python_task.shards.format import ShardReader, ShardWriter, read_encoded_rows
 from python_task.shards.manifest import MANIFEST_NAME, read_manifest
-from python_task.shards.verify import check_shard, verify_shards
 
 CLI = [sys.executable, "-m", "python_task"]
 
@@ -64,6 +63,8 @@ def _manifest_rows(folder: Path) -> dict:
 
 
 def test_labels_outside_label_names_are_refused_naming_shard_and_dataset(shards):
+    from python_task.shards.verify import verify_shards
+
     path = _first(shards)
     with h5py.File(path, "r+") as f:  # h5py rewrites the chunk's checksum: only the labels check can see this
         f["labels"][:] = 7
@@ -75,6 +76,8 @@ def test_labels_outside_label_names_are_refused_naming_shard_and_dataset(shards)
 
 
 def test_manifest_counts_must_match_the_shards(shards):
+    from python_task.shards.verify import verify_shards
+
     rows = list(csv.DictReader(open(shards / MANIFEST_NAME, newline="")))
     rows[0]["n_tiles"] = str(int(rows[0]["n_tiles"]) + 1)
     rows[0]["n_benign"] = str(int(rows[0]["n_benign"]) + 1)
@@ -89,6 +92,8 @@ def test_manifest_counts_must_match_the_shards(shards):
 
 
 def test_a_flipped_bit_in_a_jpeg_tile_fails_its_crc(shards):
+    from python_task.shards.verify import check_shard
+
     path = _first(shards)
     before = ShardReader(path).images()
     _flip_byte(path, _offset_of_tile(path, 3))
@@ -116,6 +121,8 @@ def test_a_flipped_bit_in_a_chunk_fails_its_fletcher32(shards):
 
 
 def test_raw_tiles_are_covered_by_fletcher32(tmp_path):
+    from python_task.shards.verify import check_shard
+
     path = tmp_path / "S1.h5"
     rng = np.random.default_rng(0)
     tiles = rng.integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
@@ -131,6 +138,8 @@ def test_raw_tiles_are_covered_by_fletcher32(tmp_path):
 
 
 def test_a_tile_that_does_not_decode_names_shard_and_tile(shards):
+    from python_task.shards.verify import check_shard
+
     path = _first(shards)
     at, blob = _tile_bytes(path, 2)
     data = bytearray(path.read_bytes())
