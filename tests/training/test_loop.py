@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -120,8 +121,10 @@ def test_other_settings_in_a_finished_folder_are_refused(learn_data, tmp_path):
 
 
 def _cli(*args) -> subprocess.CompletedProcess:
+    # without the test session's TF_CPP_MIN_LOG_LEVEL: the command line must keep TensorFlow's C++ log quiet itself
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     return subprocess.run([sys.executable, "-m", "python_task", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env=env)
 
 
 def test_cli_errors_are_one_line(learn_data, tmp_path):

@@ -480,6 +480,11 @@ def test_the_common_self_intersection_is_repaired_to_the_outlined_area(tmp_path:
     smooth = Polygon(_outline(20_000))
     assert region.geometry.is_valid
     assert abs(region.geometry.area - smooth.area) < 0.001 * smooth.area  # the outline's area, loops and all
+    # an outline that runs over itself: the area covered twice is inside (structure), not cut out (linework: 44)
+    overlap = [[0, 0], [6, 0], [6, 6], [2, 6], [2, 2], [8, 2], [8, 8], [0, 8], [0, 0]]
+    doc = [_feature({"type": "Polygon", "coordinates": [overlap]}, classification={"name": "CCA"})]
+    (region,) = read_annotations(_write(tmp_path, "overlap.json", json.dumps(doc)))
+    assert region.geometry.area == 60 and len(region.geometry.interiors) == 0
 
 
 def test_too_many_vertices_name_the_file_and_the_region(tmp_path: Path, monkeypatch) -> None:
