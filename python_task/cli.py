@@ -8,7 +8,8 @@ Errors the user can fix (:class:`~python_task.errors.TaskError`) are printed as 
 ``error: <file or flag>: <cause>``, with exit status 1: the library names settings by field (``batch_size``)
 and this module turns them, and the settings quoted in causes, into flags (``--batch-size``). Anything
 unexpected is also printed on one line (exit status 2) unless ``--debug`` is given, which shows the traceback.
-Log records of the package are printed on stderr: progress lines as they are, warnings with their level.
+Log records of the package are printed on stderr: progress lines as they are, warnings with their level. Other
+libraries' log records (tifffile's, Python warnings, TensorFlow's C++ log) are shown only with ``--verbose``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from python_task.errors import TaskError
+from python_task.errors import ErrorList, TaskError
+from python_task.runtime import PARENT_PID_ENV, exit_with_parent
 from python_task.shards.params import CODECS, ExtractParams
 from python_task.synth.config import SynthConfig
 from python_task.training import config as train_config
@@ -32,6 +34,9 @@ Handler = Callable[[argparse.Namespace], int]
 EXTRACT = ExtractParams()
 SYNTH = SynthConfig()
 PACKAGE_LOGGER = "python_task"
+# multiprocessing's resource tracker (its own process) warns of the semaphores a killed extract worker held, which
+# it then cleans up: nothing for the user to do
+RESOURCE_TRACKER_WARNING = "ignore::UserWarning:multiprocessing.resource_tracker"
 
 
 def _default(value: object) -> str:
@@ -95,7 +100,8 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--codec", choices=CODECS, default=EXTRACT.codec, help=f"tile storage (default {EXTRACT.codec})")
     p.add_argument("--quality", type=int, default=EXTRACT.quality, help=f"JPEG quality (default {EXTRACT.quality})")
     p.add_argument("--workers", type=int, default=1, help="slides processed in parallel (default 1)")
-    p.add_argument("--overwrite", action="store_true", help="redo slides whose shard already exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo slides whose shard already exists (also: replace the folder's recorded settings)")
     p.set_defaults(handler=_run_extract)
 
 
@@ -119,6 +125,25 @@ def _run_extract(args: argparse.Namespace) -> int:
                          annotation_path=args.annotations, diagnosis=args.diagnosis or "")]
     report = extract_cohort(jobs, args.out, params, workers=args.workers, overwrite=args.overwrite)
     return 0 if report.ok else 1
+
+
+def _add_verify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("verify", help="check a shards folder end to end: checksums, labels, manifest, every tile "
+                                      "decoded (after copying shards between machines)")
+    p.add_argument("--shards", required=True, type=Path, help="folder of shards with manifest.csv")
+    p.add_argument("--no-decode", action="store_true",
+                   help="check the checksums only, without decoding every JPEG tile (faster)")
+    p.set_defaults(handler=_run_verify)
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    from python_task.shards.verify import verify_shards
+
+    report = verify_shards(args.shards, decode=not args.no_decode)
+    if report.problems:
+        raise ErrorList(list(report.problems))
+    print(f"verified: {report.shards} shards, {report.tiles} tiles in {args.shards}")
+    return 0
 
 
 def _add_split(sub: argparse._SubParsersAction) -> None:
@@ -197,13 +222,15 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("plan", type=Path, help="PLAN.yaml (shards, splits, factors, fixed, optional random)")
     p.add_argument("--out", required=True, type=Path, help="output folder: results.csv and points/")
     p.add_argument("--jobs", type=int, default=1, help="points run in parallel (default 1)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let a plan with other shards, splits or fixed settings replace the folder's earlier results")
     p.set_defaults(handler=_run_sweep)
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
     from python_task.experiments.sweep import run_sweep
 
-    report = run_sweep(args.plan, args.out, jobs=args.jobs)
+    report = run_sweep(args.plan, args.out, jobs=args.jobs, overwrite=args.overwrite)
     print(f"results written: {report.results_csv}")
     return 1 if report.failed else 0
 
@@ -285,7 +312,7 @@ def _run_report(args: argparse.Namespace) -> int:
 
 
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    _add_synth, _add_extract, _add_split, _add_train, _add_augment_preview, _add_sweep, _add_predict, _add_report,
+    _add_synth, _add_extract, _add_verify, _add_split, _add_train, _add_augment_preview, _add_sweep, _add_predict, _add_report,
     _add_demo)
 
 
@@ -356,11 +383,24 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+def _own_records(record: logging.LogRecord) -> bool:
+    """The package's own log records (other libraries' are shown with ``-v`` only)."""
+    return record.name == PACKAGE_LOGGER or record.name.startswith(PACKAGE_LOGGER + ".")
+
+
 def configure_logging(verbose: bool, flags: Mapping[str, str]) -> None:
     """The package's log records on stderr: its progress lines (INFO) always, DEBUG with ``-v`` (or the level in
-    ``PYTHON_TASK_LOG``); other libraries' warnings, and their INFO with ``-v``."""
+    ``PYTHON_TASK_LOG``). Other libraries' records (``ERROR tifffile: ...``) and Python warnings only with ``-v``,
+    and TensorFlow's C++ log (absl, cpu_feature_guard) is silenced unless ``-v`` or ``TF_CPP_MIN_LOG_LEVEL`` says
+    otherwise: a normal run's stderr holds the package's lines alone."""
     handler = _StderrHandler()
     handler.setFormatter(_LogFormatter(flags))
+    if not verbose:
+        handler.addFilter(_own_records)
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # read when TensorFlow loads, after this
+        if RESOURCE_TRACKER_WARNING not in sys.warnoptions:  # -W options reach the helper processes too
+            sys.warnoptions.append(RESOURCE_TRACKER_WARNING)
+    logging.captureWarnings(True)
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
         root.removeHandler(old)
@@ -375,13 +415,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     flags = option_flags(parser)
     configure_logging(args.verbose, flags)
+    parent = os.environ.pop(PARENT_PID_ENV, "")
+    if parent.isdigit():  # started by a runner (sweep) that must not leave this process behind when it dies
+        exit_with_parent(int(parent))
     handler: Handler = args.handler
     try:
         return handler(args)
     except TaskError as exc:
         if args.debug:
             raise
-        print(error_line(exc, flags), file=sys.stderr)
+        for one in exc.errors if isinstance(exc, ErrorList) else [exc]:
+            print(error_line(one, flags), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -389,6 +433,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the CLI promises one line, whatever the failure
         if args.debug or os.environ.get("PYTHON_TASK_DEBUG"):
             raise
+        if isinstance(exc, OSError) and exc.filename:  # a file that failed unexpectedly (a full disk): name it
+            print(f"error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
         msg = " ".join(str(exc).split()) or type(exc).__name__
         print(f"error: {args.command}: {type(exc).__name__}: {msg}", file=sys.stderr)
         return 2

@@ -40,3 +40,23 @@ class AnnotationError(TaskError):
 
 class ShardError(TaskError):
     """Tile shards, their manifest, or a split of them that is missing, unreadable or inconsistent."""
+
+
+class BusyError(TaskError):
+    """An output folder another run is writing to (it holds the folder's lock): ``path`` is the folder."""
+
+
+class ErrorList(TaskError):
+    """Several failures found at once (every bad value of a plan, every damaged shard of a folder).
+
+    ``errors`` holds them in order; the command line prints one line each. As a plain :class:`TaskError` it reads
+    as the first one, with the count of the others.
+    """
+
+    def __init__(self, errors: list[TaskError]) -> None:
+        if not errors:
+            raise ValueError("ErrorList needs at least one error")
+        self.errors = list(errors)
+        first = self.errors[0]
+        more = f" (and {len(self.errors) - 1} more)" if len(self.errors) > 1 else ""
+        super().__init__(first.path, first.cause + more, setting=first.setting)

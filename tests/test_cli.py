@@ -63,3 +63,29 @@ def test_help_does_not_load_keras_or_the_slide_readers():
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_an_unexpected_os_error_names_its_file(monkeypatch, capsys):
+    import errno
+
+    def full_disk(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/out/.S1.h5.x1y2.tmp")
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    monkeypatch.setattr(parser, "parse_args", lambda argv: cli.argparse.Namespace(
+        handler=full_disk, verbose=False, debug=False, command="extract"))
+    assert cli.main([]) == 1
+    assert capsys.readouterr().err.strip() == "error: /data/out/.S1.h5.x1y2.tmp: No space left on device"
+
+
+def test_other_libraries_log_lines_stay_off_stderr(capsys):
+    cli.configure_logging(False, flags())
+    logging.getLogger("tifffile").error("<tifffile.TiffPages @8> invalid page offset 1059178")
+    logging.getLogger("python_task.shards.extract").warning("kept")
+    err = capsys.readouterr().err
+    assert "tifffile" not in err and "WARNING python_task.shards.extract: kept" in err
+    cli.configure_logging(True, flags())
+    logging.getLogger("tifffile").error("shown with -v")
+    assert "ERROR tifffile: shown with -v" in capsys.readouterr().err
+    cli.configure_logging(False, flags())

@@ -7,15 +7,21 @@ import json
 import math
 import os
 import stat
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
+from python_task.errors import BusyError
 from python_task.fileio import (
+    LOCK_NAME,
     atomic_path,
     current_umask,
     dumps_strict,
+    folder_lock,
     nan_for_null,
+    remove_stale_temporaries,
     write_csv_atomic,
     write_json_atomic,
     write_text_atomic,
@@ -73,3 +79,85 @@ def test_json_outputs_are_strict_with_null_for_missing_numbers(tmp_path):
     assert math.isnan(metrics["val_auc"]) and metrics["n"] == 3
     write_csv_atomic(tmp_path / "m.csv", [{"val_auc": math.nan}])  # CSV keeps its nan
     assert (tmp_path / "m.csv").read_text().splitlines() == ["val_auc", "nan"]
+
+
+# --------------------------------------------------------------------------------------------- one writer per folder
+
+def _holder(folder, command="extract"):
+    """Another process holding ``folder``'s lock (it prints ``locked`` once it does)."""
+    code = ("import sys, time; from python_task.fileio import folder_lock\n"
+            "with folder_lock(sys.argv[1], sys.argv[2]):\n    print('locked', flush=True); time.sleep(300)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder), command], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_folder_has_one_writer_until_its_holder_ends(tmp_path):
+    holder = _holder(tmp_path / "out")
+    try:
+        with pytest.raises(BusyError, match=f"in use by another run \\(extract, pid {holder.pid}") as err:
+            with folder_lock(tmp_path / "out", "train"):
+                pass
+        assert err.value.path == str(tmp_path / "out")
+        proc = subprocess.run([sys.executable, "-m", "python_task", "extract", "--slide", "s.svs", "--annotations",
+                               "a.json", "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1
+        assert proc.stderr.strip().splitlines() == [
+            f"error: {tmp_path / 'out'}: in use by another run (extract, pid {holder.pid}, since "
+            f"{proc.stderr.split('since ')[1].split(')')[0]}): wait for it to finish, or choose another --out"]
+    finally:
+        holder.kill()  # as kill -9 would: the lock dies with its process, the file stays behind
+        holder.wait()
+    assert (tmp_path / "out" / LOCK_NAME).exists()
+    with folder_lock(tmp_path / "out", "train"):
+        assert json.loads((tmp_path / "out" / LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert not (tmp_path / "out" / LOCK_NAME).exists()  # released: removed
+
+
+def test_stale_temporaries_are_removed(tmp_path):
+    (tmp_path / ".S1.h5.abcd1234.tmp").write_bytes(b"x" * 100)
+    (tmp_path / ".model.123.tmp.keras").write_bytes(b"x")
+    (tmp_path / "S2.h5").write_bytes(b"kept")
+    (tmp_path / "notes.tmp").write_bytes(b"not ours: kept")
+    removed = remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in removed) == [".S1.h5.abcd1234.tmp", ".model.123.tmp.keras"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["S2.h5", "notes.tmp"]
+
+
+def test_a_child_ends_with_its_parent(tmp_path):
+    """``exit_with_parent``: a child whose parent is killed (-9) ends too (no orphan left running)."""
+    import signal
+    import time
+
+    child = ("import time; from python_task.runtime import exit_with_parent; exit_with_parent(); "
+             "print('ready', flush=True); time.sleep(300)")
+    parent = ("import subprocess, sys; c = subprocess.Popen([sys.executable, '-c', sys.argv[1]], stdout=subprocess.PIPE,"
+              " text=True); assert c.stdout.readline().strip() == 'ready'; print(c.pid, flush=True); c.wait()")
+    proc = subprocess.Popen([sys.executable, "-c", parent, child], stdout=subprocess.PIPE, text=True)
+    pid = int(proc.stdout.readline())
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    for _ in range(600):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        stat_file = f"/proc/{pid}/stat"
+        if os.path.exists(stat_file) and open(stat_file).read().split()[2] == "Z":
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail("the child outlived its parent")
+
+
+def test_a_full_disk_names_the_file_being_written_not_its_temporary(tmp_path):
+    import errno
+
+    final = tmp_path / "metrics.json"
+    with pytest.raises(OSError) as err:
+        with atomic_path(final) as tmp:
+            tmp.write_text("partial")
+            raise OSError(errno.ENOSPC, "No space left on device")  # as a file object's write raises it
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(final)
+    assert list(tmp_path.iterdir()) == []

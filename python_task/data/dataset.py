@@ -12,17 +12,26 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import imagecodecs
 import keras
 import numpy as np
 
 from python_task.data.sampling import epoch_order
-from python_task.errors import ConfigError, ShardError
-from python_task.shards.format import ShardInfo, ShardReader, list_shards, read_encoded_rows
+from python_task.errors import ConfigError, ShardError, TaskError
+from python_task.shards.format import (
+    ShardInfo,
+    ShardReader,
+    check_encoded,
+    check_labels,
+    decode_tile,
+    list_shards,
+    read_encoded_rows,
+    reading,
+)
+from python_task.shards.manifest import check_counts
 
 BatchTransform = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
@@ -68,8 +77,14 @@ class TileIndex:
         return self.take(np.sort(np.random.default_rng(seed).choice(len(self), limit, replace=False)))
 
 
-def build_index(shards_dir: str | os.PathLike[str], slide_ids: Sequence[str] | None = None) -> TileIndex:
-    """Index the tiles of the shards in ``shards_dir`` (only those of ``slide_ids`` when given)."""
+def build_index(shards_dir: str | os.PathLike[str], slide_ids: Sequence[str] | None = None, *,
+                manifest: Mapping[str, Mapping] | None = None, manifest_path: str | os.PathLike[str] | None = None
+                ) -> TileIndex:
+    """Index the tiles of the shards in ``shards_dir`` (only those of ``slide_ids`` when given).
+
+    Every label must index ``label_names`` (a :class:`ShardError` naming the shard and ``labels`` otherwise). With
+    ``manifest`` (manifest rows by slide id, read from ``manifest_path``), each shard's tile count and count per
+    class must equal its row: a shard changed after the manifest was written is refused, naming both."""
     paths = list_shards(shards_dir)
     by_id = {p.stem: p for p in paths}
     if slide_ids is not None:
@@ -85,6 +100,12 @@ def build_index(shards_dir: str | os.PathLike[str], slide_ids: Sequence[str] | N
             info = r.info
             labels = r.field("labels").astype(np.int64)
             coords = r.field("coords").astype(np.int64)
+        check_labels(path, labels, info.label_names)
+        if len(coords) != len(labels):
+            raise ShardError(path, f"dataset coords holds {len(coords)} rows, labels {len(labels)}: the shard is "
+                             "damaged; extract the slide again")
+        if manifest is not None and info.slide_id in manifest:
+            check_counts(path, labels, info.label_names, manifest[info.slide_id], manifest_path)
         if infos and (info.label_names != infos[0].label_names or info.tile_size != infos[0].tile_size):
             raise ShardError(path, f"label names {list(info.label_names)} / tile size {info.tile_size} differ from "
                             f"{infos[0].path.name} ({list(infos[0].label_names)} / {infos[0].tile_size})")
@@ -122,14 +143,18 @@ class TileFetcher:
             rows = self.index.tile[positions[where]]
             order = np.argsort(rows, kind="stable")
             uniq, inverse = np.unique(rows[order], return_inverse=True)
-            ds = readers[s].images_dataset
-            if readers[s].info.codec == "raw":
-                data = ds[uniq] if len(uniq) > 1 else ds[uniq[0]:uniq[0] + 1]
+            reader = readers[s]
+            ds = reader.images_dataset
+            if reader.info.codec == "raw":
+                with reading(reader.path, "images"):  # Fletcher-32 checked by HDF5
+                    data = ds[uniq] if len(uniq) > 1 else ds[uniq[0]:uniq[0] + 1]
                 out[where[order]] = data[inverse]
             else:  # decoded straight into the batch: no intermediate tile, no copy of the JPEG bytes
-                data = read_encoded_rows(ds, uniq)
+                with reading(reader.path, "images"):
+                    data = read_encoded_rows(ds, uniq)
+                check_encoded(reader.path, uniq, data, reader.checksums)
                 for k, j in enumerate(inverse):
-                    imagecodecs.jpeg8_decode(data[j], out=out[where[order[k]]])
+                    decode_tile(reader.path, uniq[j], data[j], T, out=out[where[order[k]]])
         return out
 
 
@@ -162,6 +187,7 @@ class ShardBatches(keras.utils.PyDataset):
         self.fetcher = TileFetcher(index)
         self.epoch = epoch
         self._order = self._make_order(epoch)
+        self.error: TaskError | None = None  # the first failure of a reader thread (see __getitem__)
 
     def _make_order(self, epoch: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, epoch])
@@ -186,7 +212,12 @@ class ShardBatches(keras.utils.PyDataset):
         if i >= self.num_batches:
             raise IndexError(i)
         pos = self.positions(i)
-        x = self.fetcher.fetch(pos)
+        try:
+            x = self.fetcher.fetch(pos)
+        except TaskError as exc:  # kept: a backend may re-raise it as its own type (TensorFlow: UnknownError)
+            if self.error is None:
+                self.error = exc
+            raise
         if self.transform is not None:
             x = self.transform(x, np.random.default_rng([self.seed, self.epoch, i, 7]))
         y = self.index.labels[pos].astype(np.float32)[:, None]

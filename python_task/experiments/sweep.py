@@ -6,6 +6,13 @@ with one row per point: the factor columns, the contract's metric columns, ``sta
 and the timing columns. Re-running the same plan skips the points already finished; failed points are retried.
 This is not a scheduler: anything beyond one machine is OpenMOLE's job.
 
+The plan is checked in full before the first point runs (:func:`check_plan`): every value of every factor is
+read as its train option's type (YAML reads ``1e-3`` as a string: it is the number 0.001, and ``[0.001, 1e-3]``
+is one level), and every point is checked as ``train`` would check it (architectures, choices, ranges, the
+split's folds); each bad value is one line naming the plan. One sweep writes to ``out`` at a time (its lock), and
+``out`` records what its results depend on (``sweep.json``: the shards, the split and the fixed settings); a run
+with others is refused unless ``overwrite``, which starts the folder afresh.
+
 Plan layout (paths relative to the plan file)::
 
     shards: shards/
@@ -33,6 +40,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -44,9 +52,18 @@ from typing import Any
 import numpy as np
 import yaml
 
-from python_task.errors import ConfigError
-from python_task.fileio import nan_for_null, write_csv_atomic, write_json_atomic
-from python_task.training.config import train_options
+from python_task.data.splits import read_splits
+from python_task.errors import ConfigError, ErrorList, TaskError
+from python_task.fileio import (
+    folder_lock,
+    nan_for_null,
+    remove_stale_temporaries,
+    write_csv_atomic,
+    write_json_atomic,
+)
+from python_task.runtime import PARENT_PID_ENV
+from python_task.shards.manifest import digest_rows, read_manifest
+from python_task.training.config import TrainOption, config_from_options, train_options
 from python_task.training.metrics import CONTRACT_METRICS
 
 log = logging.getLogger(__name__)
@@ -54,6 +71,7 @@ log = logging.getLogger(__name__)
 BOOKKEEPING = ("status", "error", "point_id", "out_dir", "wall_seconds", "overhead_seconds")
 RESERVED = {"shards", "splits", "out"}  # given by the plan's paths and the runner, never by a factor
 DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform")
+SETTINGS_NAME = "sweep.json"  # what a sweep folder's results depend on
 
 
 @dataclass
@@ -99,7 +117,128 @@ def load_plan(path: str | os.PathLike[str]) -> Plan:
     plan = Plan(path=path, shards=path.parent / data["shards"], splits=path.parent / data["splits"],
                 factors=factors, fixed=fixed, random=random)
     _check_keys(plan)
+    _normalise(plan)
     return plan
+
+
+def option_value(option: TrainOption, value: Any) -> Any:
+    """``value`` as the train option's type: ``"1e-3"`` (how YAML reads it) is the float 0.001, ``32.0`` the int
+    32, ``[flip, rot90]`` the string ``flip,rot90``. ``ValueError`` saying what the option needs otherwise."""
+    kind = option.kind
+    if value is None:
+        raise ValueError("has no value (leave the key out to get the default)")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        raise ValueError(f"must be true or false, not {value!r}")
+    if isinstance(value, bool) and kind in (int, float):
+        raise ValueError(f"must be a number, not {value!r}")
+    if kind is int:
+        try:
+            number = float(value) if isinstance(value, str) else value
+            if isinstance(number, (int, float)) and float(number).is_integer():
+                return int(number)
+        except (ValueError, OverflowError):
+            pass
+        raise ValueError(f"must be a whole number, not {value!r}")
+    if kind is float:
+        try:
+            if isinstance(value, (int, float, str)):
+                return float(value)
+        except ValueError:
+            pass
+        raise ValueError(f"must be a number, not {value!r}")
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    if isinstance(value, dict):
+        raise ValueError(f"must be a single value, not a mapping {value!r}")
+    return str(value)
+
+
+def _normalise(plan: Plan) -> None:
+    """Every value as its option's type (one line per bad value, all at once); levels equal once typed are one."""
+    options = train_options()
+    problems: list[TaskError] = []
+
+    def typed(where: str, key: str, value: Any) -> Any:
+        try:
+            return option_value(options[key], value)
+        except ValueError as exc:
+            problems.append(ConfigError(None, f"{where} '{key}': {value!r} {exc}", path=plan.path))
+            return value
+
+    for key, levels in plan.factors.items():
+        values = [typed("factor", key, v) for v in levels]
+        unique = list(dict.fromkeys(json.dumps(v, sort_keys=True) for v in values))
+        if len(unique) < len(values):
+            log.warning("%s: factor '%s' lists one value several times (%s): each runs once", plan.path, key,
+                        ", ".join(map(str, levels)))
+        plan.factors[key] = [json.loads(u) for u in unique]
+    plan.fixed = {key: typed("fixed", key, v) for key, v in plan.fixed.items()}
+    if problems:
+        raise ErrorList(problems)
+
+
+def check_plan(plan: Plan) -> None:
+    """Check every point of ``plan`` as ``train`` would before running any (see the module doc): one
+    :class:`ConfigError` naming the plan per bad value, raised together as an :class:`ErrorList`."""
+    options = train_options()
+    base = {"shards": plan.shards, "splits": plan.splits, "out": plan.path.parent}
+    field_key = {o.field: k for k, o in options.items()}
+    try:
+        n_folds = len(read_splits(plan.splits)["folds"])
+    except TaskError as exc:
+        raise ConfigError(None, f"splits: {exc}", path=plan.path) from None
+    problems: dict[str, str] = {}  # one line per bad value (or per failing combination)
+    counts: dict[str, int] = {}
+
+    def note(key: str, text: str) -> None:
+        problems.setdefault(key, text)
+        counts[key] = counts.get(key, 0) + 1
+
+    def refuse() -> ErrorList:
+        return ErrorList([ConfigError(None, text + (f" (and {counts[key] - 1} more points)" if counts[key] > 1 and
+                                                    text.startswith("point") else ""), path=plan.path)
+                          for key, text in problems.items()])
+
+    levels = [("factor", k, v) for k, values in plan.factors.items() for v in values]
+    levels += [("fixed", k, v) for k, v in plan.fixed.items()]
+    for draw in random_draws(plan.random) if plan.random else []:
+        levels += [("random factor", k, v) for k, v in draw.items()]
+    # one value at a time, beside a valid architecture and fold: the message names the key and the value at fault
+    archs = [v for where, k, v in levels if k == "arch"]
+    reference = {"fold": 0, "arch": next((a for a in archs if _config_error({"arch": a, "fold": 0}, base) is None),
+                                         archs[0] if archs else None)}
+    for where, key, value in levels:
+        if key == "fold":
+            if not (isinstance(value, int) and 0 <= value < n_folds):
+                note(f"fold={value!r}", f"{where} 'fold': {value!r} is not a fold of {plan.splits} (it has "
+                     f"{n_folds}: 0 to {n_folds - 1})")
+            continue
+        error = _config_error({**reference, key: value}, base)
+        if error is not None and field_key.get(error.setting or "", error.setting) in (key, None):
+            note(f"{key}={value!r}", f"{where} '{key}': {value!r}: {error.cause}")
+    if problems:
+        raise refuse()
+    for point in expand_points(plan):  # the combinations: every point as train checks it
+        error = _config_error(point, base)
+        if error is not None:
+            what = f"{error.setting}: {error.cause}" if error.setting else error.cause
+            shown = ", ".join(f"{k}={v}" for k, v in point.items() if k in plan.factors or k in plan.random.get(
+                "factors", {}))
+            note(what, f"point {shown or 'of the plan'}: {what}")
+    if problems:
+        raise refuse()
+
+
+def _config_error(values: dict[str, Any], base: dict[str, Any]) -> ConfigError | None:
+    try:
+        config_from_options({**values, **base})
+    except ConfigError as exc:
+        return exc
+    return None
 
 
 def _check_keys(plan: Plan) -> None:
@@ -121,9 +260,30 @@ def _check_keys(plan: Plan) -> None:
             raise ConfigError(None, "random.n must be a positive integer", path=plan.path)
         for key, dist in (rnd.get("factors") or {}).items():
             if not (isinstance(dist, dict) and len(dist) == 1 and next(iter(dist)) in DISTRIBUTIONS
-                    and len(next(iter(dist.values()))) == 2):
+                    and isinstance(next(iter(dist.values())), list) and len(next(iter(dist.values()))) == 2):
                 raise ConfigError(None, f"random factor '{key}': write {{uniform|log_uniform|int_uniform: "
                                   "[low, high]}}", path=plan.path)
+            kind, bounds = next(iter(dist.items()))
+            option = train_options()[key]
+            if option.kind not in (int, float):
+                raise ConfigError(None, f"random factor '{key}': not a numeric option, cannot be drawn at random",
+                                  path=plan.path)
+            if (option.kind is int) != (kind == "int_uniform"):
+                need = "int_uniform" if option.kind is int else "uniform or log_uniform"
+                raise ConfigError(None, f"random factor '{key}': draw it with {need}", path=plan.path)
+            try:
+                low, high = (float(b) for b in bounds)  # YAML reads 1e-4 as a string
+            except (TypeError, ValueError):
+                raise ConfigError(None, f"random factor '{key}': bounds {bounds!r} are not numbers",
+                                  path=plan.path) from None
+            if not (math.isfinite(low) and math.isfinite(high) and low < high) or (
+                    kind == "log_uniform" and low <= 0) or (kind == "int_uniform" and not (
+                    low.is_integer() and high.is_integer())):
+                raise ConfigError(None, f"random factor '{key}': {kind} needs finite bounds low < high"
+                                  f"{' above 0' if kind == 'log_uniform' else ''}"
+                                  f"{', whole numbers' if kind == 'int_uniform' else ''} (got {bounds!r})",
+                                  path=plan.path)
+            dist[kind] = [int(low), int(high)] if kind == "int_uniform" else [low, high]
 
 
 def expand_points(plan: Plan) -> list[dict[str, Any]]:
@@ -206,7 +366,8 @@ def run_point(plan: Plan, point: dict[str, Any], out_dir: Path, threads: int) ->
     folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(folder / "point.json", point)
     env = {**os.environ, "TF_NUM_INTRAOP_THREADS": str(threads), "TF_NUM_INTEROP_THREADS": "1",
-           "OMP_NUM_THREADS": str(threads), "TF_CPP_MIN_LOG_LEVEL": "2"}
+           "OMP_NUM_THREADS": str(threads), "TF_CPP_MIN_LOG_LEVEL": "2",
+           PARENT_PID_ENV: str(os.getpid())}  # the point ends if the sweep is killed
     t0 = time.perf_counter()
     with open(folder / "train.log", "w", encoding="utf-8") as log:
         proc = subprocess.run(train_command(plan, point, folder), stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -245,16 +406,58 @@ def read_results(path: Path) -> list[dict[str, Any]]:
 
 
 def run_sweep(plan_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, jobs: int = 1,
-              progress: bool = True) -> SweepReport:
-    """Run every unfinished point of a plan; returns the full results table."""
+              progress: bool = True, overwrite: bool = False) -> SweepReport:
+    """Run every unfinished point of a plan; returns the full results table. The plan is checked in full first;
+    ``out_dir``'s lock is held throughout; ``overwrite`` lets a plan with other shards, split or fixed settings
+    replace the folder's results (the points of the earlier runs are deleted)."""
     plan = load_plan(plan_path)
     for path, what in ((plan.shards, "shards folder"), (plan.splits, "splits file")):
         if not path.exists():
             raise ConfigError(None, f"{what} {path} not found", path=plan.path)
     if jobs < 1:
         raise ConfigError("jobs", f"must be at least 1, got {jobs}")
+    check_plan(plan)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out, "sweep"):
+        remove_stale_temporaries(out)
+        _check_settings(plan, out, overwrite)
+        return _run_points(plan, out, jobs, progress)
+
+
+def _settings(plan: Plan) -> dict[str, Any]:
+    """What a sweep folder's finished points depend on beyond their own factors."""
+    return {"shards": str(plan.shards.resolve()), "splits": str(plan.splits.resolve()),
+            "manifest_digest": digest_rows(read_manifest(plan.shards)),
+            "splits_sha256": hashlib.sha256(plan.splits.read_bytes()).hexdigest(),
+            "fixed": json.loads(json.dumps(plan.fixed, sort_keys=True, default=str))}
+
+
+def _check_settings(plan: Plan, out: Path, overwrite: bool) -> None:
+    """Refuse a plan whose shards, split or fixed settings differ from those the folder's results were made with
+    (``sweep.json``), unless ``overwrite``: then the earlier results and points are deleted."""
+    path = out / SETTINGS_NAME
+    mine = _settings(plan)
+    theirs: Any = None
+    if path.exists():
+        try:
+            theirs = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            theirs = {}
+    if theirs == mine:
+        return
+    if theirs is not None and not overwrite:
+        changed = [k for k in mine if not isinstance(theirs, dict) or theirs.get(k) != mine[k]]
+        raise ConfigError(None, f"the results in {out} were made with other {', '.join(changed)} than {plan.path} "
+                          "gives: use `overwrite` to start that folder afresh with this plan, or another `out`",
+                          path=path)
+    if overwrite and ((out / "points").exists() or (out / "results.csv").exists()):
+        log.info("%s: earlier results deleted (overwrite)", out)
+        shutil.rmtree(out / "points", ignore_errors=True)
+        (out / "results.csv").unlink(missing_ok=True)
+    write_json_atomic(path, mine)
+
+
+def _run_points(plan: Plan, out: Path, jobs: int, progress: bool) -> SweepReport:
     points = expand_points(plan)
     results_csv = out / "results.csv"
     done = {r["point_id"]: r for r in read_results(results_csv) if r.get("status") == "ok"

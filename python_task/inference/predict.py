@@ -22,6 +22,7 @@ import queue
 import sys
 import threading
 import time
+import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,12 @@ import numpy as np
 from tqdm import tqdm
 
 from python_task.errors import ConfigError, SlideError, TaskError
-from python_task.fileio import atomic_path, write_json_atomic
+from python_task.fileio import (
+    atomic_path,
+    folder_lock,
+    remove_stale_temporaries,
+    write_json_atomic,
+)
 from python_task.inference.heatmap import draw_heatmap, format_probability
 from python_task.shards.params import ExtractParams
 from python_task.training.checkpoints import load_model
@@ -70,6 +76,8 @@ def load_bundle(model_path: str | os.PathLike[str]) -> ModelBundle:
         path = path / "model.keras"
     if not path.exists():
         raise TaskError(path, "model not found")
+    if not path.is_file() or not zipfile.is_zipfile(path):
+        raise TaskError(path, "not a Keras model: give the model.keras (a .keras zip archive) that train writes")
     config_path = path.parent / "config.json"
     if not config_path.exists():
         raise TaskError(config_path, "missing: predict needs the config.json that train writes beside the model")
@@ -237,6 +245,16 @@ def predict_slide(model_path: str | os.PathLike[str], slide_path: str | os.PathL
     t0 = time.perf_counter()
     bundle = load_bundle(model_path)
     out = Path(out_dir)
+    with folder_lock(out, "predict"):
+        remove_stale_temporaries(out)
+        return _predict(bundle, slide_path, out, annotations, slide_mpp, batch_size, min_tissue, min_coverage,
+                        stride, offset, reader_name, progress, t0)
+
+
+def _predict(bundle: ModelBundle, slide_path: str | os.PathLike[str], out: Path,
+             annotations: str | os.PathLike[str] | None, slide_mpp: float | None, batch_size: int, min_tissue: float,
+             min_coverage: float, stride: int | None, offset: tuple[float, float], reader_name: str, progress: bool,
+             t0: float) -> dict[str, Any]:
     regions = None
     with open_slide(slide_path, mpp=slide_mpp, reader=reader_name) as slide:
         if annotations is not None:

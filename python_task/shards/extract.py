@@ -2,8 +2,18 @@
 
 Each slide is one job: open the slide, read and label its regions, plan the tile grid, read the tiles and write
 the shard under a temporary name, then rename it. Finished shards are skipped on a re-run, so a killed run
-resumes where it stopped. Slides run in parallel processes (``workers``); one failing slide does not stop the
-others, and the failures are listed at the end (logged, one line per slide).
+resumes where it stopped; a shard that does not open or fails its checksums is extracted again, and the
+temporary files of an interrupted run are removed. Slides run in parallel processes (``workers``); one failing
+slide does not stop the others, and the failures are listed at the end (logged, one line per slide).
+
+One run writes to a folder at a time (:func:`~python_task.fileio.folder_lock`), and the folder records the
+parameters its shards were made with (``extract.json``): a run with other parameters is refused unless
+``overwrite``, so a folder never mixes shards made at two settings.
+
+A worker process that dies (the out-of-memory killer, a crash in a C library) fails only its slide: the pool is
+started again for the slides not yet done, the slides that were running when it died are retried one at a time,
+and a slide whose worker dies again is failed and listed with the others. Workers end when the main process
+does, however it ends.
 """
 
 from __future__ import annotations
@@ -13,9 +23,12 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import re
+import signal
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,9 +38,12 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from python_task.errors import AnnotationError, ConfigError, ShardError, SlideError, TaskError
-from python_task.shards.format import ShardWriter, read_shard_info, shard_path
+from python_task.fileio import folder_lock, remove_stale_temporaries, write_json_atomic
+from python_task.runtime import exit_with_parent
+from python_task.shards.format import ShardVersionError, ShardWriter, list_shards, shard_path
 from python_task.shards.manifest import MANIFEST_NAME, write_manifest
 from python_task.shards.params import ExtractParams
+from python_task.shards.verify import check_shard
 from python_task.wsi.annotations import place_regions, read_annotations
 from python_task.wsi.cohort import SlideJob
 from python_task.wsi.labels import label_regions, load_label_map
@@ -38,6 +54,7 @@ from python_task.wsi.tissue import detect_tissue
 log = logging.getLogger(__name__)
 
 WRITE_BATCH = 128  # tiles read, then appended to the shard, at a time
+SETTINGS_NAME = "extract.json"  # the parameters a folder's shards are made with
 
 DEFAULT_PARAMS = ExtractParams()
 
@@ -56,6 +73,7 @@ class SlideResult:
 class ExtractReport:
     results: list[SlideResult]
     manifest: Path | None
+    left_out: list[str] = field(default_factory=list)  # shards present but not listed in the manifest, and why
 
     @property
     def failed(self) -> list[SlideResult]:
@@ -108,21 +126,46 @@ def extract_slide(job: SlideJob, out_dir: str | os.PathLike[str], params: Extrac
 
 def write_plan(reader: TileReader, plan: TilePlan, path: Path, params: ExtractParams, attrs: dict[str, Any], *,
                progress: bool = False, desc: str = "") -> None:
-    """Read the planned tiles in row order and stream them into a shard, ``WRITE_BATCH`` at a time."""
+    """Read the planned tiles in row order and stream them into a shard, ``WRITE_BATCH`` at a time.
+
+    A tile that cannot be read is a :class:`SlideError` naming the slide; a shard that cannot be written (a full
+    disk) a :class:`ShardError` naming the shard."""
     T = params.tile_size
     buf = np.empty((WRITE_BATCH, T, T, 3), dtype=np.uint8)
     bar = tqdm(total=len(plan), desc=desc, unit="tile", disable=None if progress else True, leave=False,
                file=sys.stderr)
-    with ShardWriter(path, codec=params.codec, tile_size=T, attrs=attrs, quality=params.quality) as writer:
-        for start in range(0, len(plan), WRITE_BATCH):
-            stop = min(start + WRITE_BATCH, len(plan))
-            for k, (x, y) in enumerate(plan.coords[start:stop]):
-                buf[k] = reader.read(int(x), int(y))
-            sl = slice(start, stop)
-            writer.append(buf[: stop - start], plan.coords[sl], plan.labels[sl], plan.roi[sl], plan.coverage[sl],
-                          plan.tissue[sl])
-            bar.update(stop - start)
-    bar.close()
+    slide_path = attrs.get("slide_path", "slide")
+    try:
+        with ShardWriter(path, codec=params.codec, tile_size=T, attrs=attrs, quality=params.quality) as writer:
+            for start in range(0, len(plan), WRITE_BATCH):
+                stop = min(start + WRITE_BATCH, len(plan))
+                for k, (x, y) in enumerate(plan.coords[start:stop]):
+                    try:
+                        buf[k] = reader.read(int(x), int(y))
+                    except TaskError:
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - a damaged tile of the slide, whatever the reader
+                        raise SlideError(slide_path, f"cannot read the tile at level-0 ({int(x)}, {int(y)}): "
+                                         f"{type(exc).__name__}: {' '.join(str(exc).split())}") from None
+                sl = slice(start, stop)
+                writer.append(buf[: stop - start], plan.coords[sl], plan.labels[sl], plan.roi[sl], plan.coverage[sl],
+                              plan.tissue[sl])
+                bar.update(stop - start)
+    except (OSError, RuntimeError) as exc:  # reads are turned into SlideError above: what is left is writing
+        raise ShardError(path, f"cannot be written: {write_cause(exc)}") from None
+    finally:
+        bar.close()
+
+
+def write_cause(exc: Exception) -> str:
+    """A short cause for a failed write: ``no space left on device (errno 28)`` rather than HDF5's paragraph."""
+    code = getattr(exc, "errno", None)
+    if code is None:
+        found = re.search(r"errno = (\d+)", str(exc))
+        code = int(found.group(1)) if found else None
+    if code:
+        return f"{os.strerror(code).lower()} (errno {code})"
+    return " ".join(str(exc).split())
 
 
 def _summary(slide_id: str, plan: TilePlan, counts: dict[str, int]) -> str:
@@ -134,27 +177,41 @@ def _fmt_counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "nothing"
 
 
-def _existing_shard_status(job: SlideJob, out_dir: Path, params: ExtractParams) -> SlideResult | None:
-    """A finished shard made with the same parameters means the slide is done (resume)."""
+def _existing_shard_status(job: SlideJob, out_dir: Path, params: ExtractParams) -> tuple[SlideResult | None, str]:
+    """A finished shard made with the same parameters means the slide is done (resume). A shard that does not
+    open or fails its checksums is deleted, to be extracted again (the second value says why)."""
     path = shard_path(out_dir, job.slide_id)
     if not path.exists():
-        return None
-    info = read_shard_info(path)
+        return None, ""
+    try:
+        info = check_shard(path, decode=False).info
+    except ShardVersionError:
+        raise
+    except ShardError as exc:
+        path.unlink(missing_ok=True)
+        return None, f"the shard found was damaged ({exc.cause}): extracted again"
     if info.params != json.loads(json.dumps(params.shard_params())):
         raise ShardError(path, "shard exists but was made with other parameters; use `overwrite` or another `out`")
     return SlideResult(job.slide_id, "skipped", f"{job.slide_id}: shard exists ({info.n_tiles} tiles), skipped",
-                       n_tiles=info.n_tiles)
+                       n_tiles=info.n_tiles), ""
+
+
+Runner = Callable[[SlideJob, Path, ExtractParams, bool, bool], SlideResult]
 
 
 def _run_job(job: SlideJob, out_dir: Path, params: ExtractParams, overwrite: bool, progress: bool) -> SlideResult:
     """Worker entry point: never raises for bad input, returns a failed result instead."""
     start = time.perf_counter()
     try:
+        note = ""
         if not overwrite:
-            existing = _existing_shard_status(job, out_dir, params)
+            existing, note = _existing_shard_status(job, out_dir, params)
             if existing is not None:
                 return existing
-        return extract_slide(job, out_dir, params, progress=progress)
+        result = extract_slide(job, out_dir, params, progress=progress)
+        if note:
+            result.message = f"{result.message} ({note})"
+        return result
     except TaskError as exc:
         return SlideResult(job.slide_id, "failed", str(exc), seconds=time.perf_counter() - start)
     except Exception as exc:  # noqa: BLE001 - one bad slide must not stop the cohort
@@ -164,46 +221,189 @@ def _run_job(job: SlideJob, out_dir: Path, params: ExtractParams, overwrite: boo
 
 
 def extract_cohort(jobs: Sequence[SlideJob], out_dir: str | os.PathLike[str], params: ExtractParams = DEFAULT_PARAMS,
-                   *, workers: int = 1, overwrite: bool = False, progress: bool = True) -> ExtractReport:
-    """Extract every slide; write ``manifest.csv``; log a line per slide and the failures at the end."""
+                   *, workers: int = 1, overwrite: bool = False, progress: bool = True,
+                   _runner: Runner = _run_job) -> ExtractReport:
+    """Extract every slide; write ``manifest.csv``; log a line per slide and the failures at the end.
+
+    Holds ``out_dir``'s lock for the whole run (:class:`~python_task.errors.BusyError` when another run holds it).
+    ``_runner`` (tests only) replaces the per-slide job run in the worker processes."""
     params.validate()
     if workers < 1:
         raise ConfigError("workers", f"must be at least 1, got {workers}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    load_label_map(params.labels)  # a bad labels file fails once, before any slide
-    results: list[SlideResult] = []
-    show_bar = progress and len(jobs) > 1
-    bar = tqdm(total=len(jobs), desc="slides", unit="slide", disable=None if show_bar else True, file=sys.stderr)
+    label_map = load_label_map(params.labels)  # a bad labels file fails once, before any slide
+    with folder_lock(out, "extract"):
+        remove_stale_temporaries(out)
+        recorded = _check_settings(out, params, list(label_map.label_names), overwrite)
+        results: list[SlideResult] = []
+        show_bar = progress and len(jobs) > 1
+        bar = tqdm(total=len(jobs), desc="slides", unit="slide", disable=None if show_bar else True,
+                   file=sys.stderr)
 
-    def record(result: SlideResult) -> None:
-        results.append(result)
-        line = result.message if result.status != "failed" else f"FAILED {result.slide_id}: {result.message}"
-        if result.status == "done":
-            line += f" [{result.seconds:.1f} s]"
-        if progress and (result.status != "failed" or len(jobs) > 1):
-            log.info("%s", line)
-        bar.update(1)
+        def record(result: SlideResult) -> None:
+            results.append(result)
+            line = result.message if result.status != "failed" else f"FAILED {result.slide_id}: {result.message}"
+            if result.status == "done":
+                line += f" [{result.seconds:.1f} s]"
+            if progress and (result.status != "failed" or len(jobs) > 1):
+                log.info("%s", line)
+            bar.update(1)
 
-    with logging_redirect_tqdm():  # the per-slide lines above the bar, not through it
-        if workers == 1 or len(jobs) == 1:
-            for job in jobs:
-                record(_run_job(job, out, params, overwrite, progress and len(jobs) == 1))
-        else:
-            ctx = mp.get_context("spawn")
-            with cf.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:
-                futures = [pool.submit(_run_job, job, out, params, overwrite, False) for job in jobs]
-                for fut in cf.as_completed(futures):
-                    record(fut.result())
-    bar.close()
-    has_shards = any(r.status != "failed" for r in results) or (out / MANIFEST_NAME).exists()
-    manifest = write_manifest(out) if has_shards else None
-    report = ExtractReport(results=sorted(results, key=lambda r: r.slide_id), manifest=manifest)
+        with logging_redirect_tqdm():  # the per-slide lines above the bar, not through it
+            if workers == 1 or len(jobs) == 1:
+                for job in jobs:
+                    record(_runner(job, out, params, overwrite, progress and len(jobs) == 1))
+            else:
+                _run_parallel(jobs, out, params, overwrite, workers, record, _runner)
+        bar.close()
+        remove_stale_temporaries(out)  # every writer is done: what a dead worker left is stale
+        manifest = None
+        left_out: list[ShardError] = []
+        if list_shards(out) or (out / MANIFEST_NAME).exists():
+            try:
+                manifest = write_manifest(out, params=recorded, problems=left_out)
+            except OSError as exc:
+                raise ShardError(out / MANIFEST_NAME, f"cannot be written: {write_cause(exc)}") from None
+    report = ExtractReport(results=sorted(results, key=lambda r: r.slide_id), manifest=manifest,
+                           left_out=[str(e) for e in left_out])
     if len(jobs) == 1 and report.failed:
         raise TaskError(None, report.failed[0].message)  # a single slide: just its one-line error
     if progress:
         _log_closing(report)
     return report
+
+
+def _check_settings(out: Path, params: ExtractParams, label_names: list[str], overwrite: bool) -> dict[str, Any]:
+    """The folder's extraction parameters (``extract.json``, :meth:`ExtractParams.folder_params`): recorded by the
+    run that makes its first shards; a run with others is refused unless ``overwrite``, which records its own.
+    Returns the parameters the shards must share."""
+    path = out / SETTINGS_NAME
+    mine = {"params": json.loads(json.dumps(params.folder_params())), "label_names": label_names}
+    if path.exists() and not overwrite and list_shards(out):  # settings only matter once there are shards
+        try:
+            theirs = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(theirs, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as exc:
+            raise ShardError(path, f"cannot be read ({exc}): delete it, or run with `overwrite`") from None
+        if {k: theirs.get(k) for k in mine} != mine:
+            raise ShardError(path, f"the shards of {out} were made with other settings ({_differences(theirs, mine)}):"
+                             " a folder holds shards of one setting; use `overwrite` to extract every slide again "
+                             "with these, or another `out`")
+        return mine["params"]
+    try:
+        write_json_atomic(path, mine)
+    except OSError as exc:
+        raise ShardError(path, f"cannot be written: {write_cause(exc)}") from None
+    return mine["params"]
+
+
+def _differences(theirs: dict[str, Any], mine: dict[str, Any]) -> str:
+    old, new = theirs.get("params") or {}, mine["params"]
+    parts = [f"`{k}` {old.get(k)!r} there, {new.get(k)!r} now" for k in new if old.get(k) != new.get(k)]
+    parts += [f"`{k}` {old.get(k)!r} there" for k in old if k not in new]
+    if theirs.get("label_names") != mine["label_names"]:
+        parts.append(f"classes {theirs.get('label_names')} there, {mine['label_names']} now")
+    return "; ".join(parts) or "unknown"
+
+
+# --------------------------------------------------------------------------------------------- worker processes
+
+def _worker_init(parent_pid: int) -> None:
+    """In each worker process: end when the main process ends, however it ends (no orphan left running)."""
+    exit_with_parent(parent_pid)
+
+
+def _marked(runner: Runner, index: int, marks: str, job: SlideJob, out: Path, params: ExtractParams,
+            overwrite: bool) -> SlideResult:
+    """Run one job in a worker, leaving a mark that it started: after a worker dies, the slides marked but not
+    finished are the ones that were running."""
+    Path(marks, str(index)).touch()
+    return runner(job, out, params, overwrite, False)
+
+
+def _run_parallel(jobs: Sequence[SlideJob], out: Path, params: ExtractParams, overwrite: bool, workers: int,
+                  record: Callable[[SlideResult], None], runner: Runner) -> None:
+    """Every job in a pool of ``workers`` processes that survives a dead worker (see the module doc)."""
+    queue = list(range(len(jobs)))  # run in the shared pool
+    suspects: list[int] = []  # running when a worker died: each retried alone, once
+    with tempfile.TemporaryDirectory(prefix="python_task-extract-") as marks:
+        while queue or suspects:
+            alone = not queue
+            batch = queue if queue else [suspects.pop(0)]
+            done, running, waiting, death = _pool_round(jobs, batch, 1 if alone else workers, out, params,
+                                                         overwrite, record, runner, marks)
+            if alone:
+                for i in running + waiting:
+                    record(SlideResult(jobs[i].slide_id, "failed", f"{jobs[i].slide_path}: the worker process "
+                                       f"extracting this slide died ({death}), on its first try and again alone: "
+                                       "it needs more memory than the machine has, or crashes the slide reader"))
+                continue
+            if death is None:
+                queue = []
+                continue
+            log.warning("a worker process died, %s, while extracting %s: the pool is started again; %s retried "
+                        "one at a time", death, ", ".join(jobs[i].slide_id for i in running) or "no slide",
+                        "they are" if len(running) != 1 else "it is")
+            if not done and not running:  # nothing ran: the workers themselves cannot start
+                for i in waiting:
+                    record(SlideResult(jobs[i].slide_id, "failed", f"{jobs[i].slide_path}: worker processes could not "
+                                       f"start ({death})"))
+                queue = []
+                continue
+            suspects += running
+            queue = waiting
+
+
+def _pool_round(jobs: Sequence[SlideJob], batch: list[int], workers: int, out: Path, params: ExtractParams,
+                overwrite: bool, record: Callable[[SlideResult], None], runner: Runner, marks: str
+                ) -> tuple[list[int], list[int], list[int], str | None]:
+    """Run ``batch`` (indexes into ``jobs``) in a new pool until done or until a worker dies. Returns the indexes
+    finished, running when the pool broke, and not started, and how the dead worker died (None if none did)."""
+    for name in os.listdir(marks):
+        os.unlink(os.path.join(marks, name))
+    ctx = mp.get_context("spawn")
+    done: list[int] = []
+    broken = False
+    pool = cf.ProcessPoolExecutor(max_workers=min(workers, len(batch)), mp_context=ctx, initializer=_worker_init,
+                                  initargs=(os.getpid(),))
+    try:
+        futures = {pool.submit(_marked, runner, i, marks, jobs[i], out, params, overwrite): i for i in batch}
+        processes = list(getattr(pool, "_processes", {}).values())  # to tell afterwards how a worker died
+        for fut in cf.as_completed(futures):
+            try:
+                result = fut.result()
+            except cf.process.BrokenProcessPool:
+                broken = True
+                continue
+            done.append(futures[fut])
+            record(result)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    if not broken:
+        return done, [], [], None
+    started = {int(name) for name in os.listdir(marks)}
+    running = [i for i in batch if i in started and i not in done]
+    waiting = [i for i in batch if i not in started and i not in done]
+    return done, running, waiting, _how_it_died(processes)
+
+
+def _how_it_died(processes: list[Any]) -> str:
+    """``killed by SIGKILL (the out-of-memory killer, or kill -9)`` from the pool's worker exit codes."""
+    codes = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
+    # the pool stops the surviving workers with SIGTERM once one has died: the other codes are the cause
+    causes = [c for c in codes if c != -signal.SIGTERM] or codes
+    if not causes:
+        return "a worker process ended abruptly"
+    code = causes[0]
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        why = {"SIGKILL": " (the out-of-memory killer, or kill -9)", "SIGSEGV": " (a crash in a C library)"}
+        return f"killed by {name}{why.get(name, '')}"
+    return f"exit status {code}"
 
 
 def _log_closing(report: ExtractReport) -> None:
@@ -214,3 +414,7 @@ def _log_closing(report: ExtractReport) -> None:
         log.info("failed slides (%d):", len(report.failed))
         for r in report.failed:
             log.info("  %s: %s", r.slide_id, r.message)
+    if report.left_out:
+        log.info("shards not listed in the manifest (%d):", len(report.left_out))
+        for line in report.left_out:
+            log.info("  %s", line)

@@ -3,8 +3,13 @@
 Layout (``docs/formats.md``): datasets ``images``, ``coords``, ``labels``, ``roi``, ``coverage``, ``tissue``, each
 with ``units`` and ``description`` attributes (:data:`DATASET_ATTRS`), and file attributes ``codec``,
 ``slide_id``, ``patient_id``, ``slide_path``, ``label_names``, ``tile_size``, ``mpp``, ``level``, ``downsample``,
-``format_version``, ``params``. Only HDF5's built-in filters are used, so plain h5py opens every dataset without
-plugins.
+``format_version``, ``params``. Only HDF5's built-in filters are used (deflate and the Fletcher-32 checksum), so
+plain h5py opens every dataset without plugins.
+
+Integrity (format 2): every dataset HDF5 can filter carries its per-chunk Fletcher-32 checksum, which HDF5 checks
+on every read; the JPEG bytes of a ``jpeg`` shard (variable-length data, which HDF5 cannot filter) have a CRC-32
+each in ``images_crc32``, checked here whenever tiles are read. A failed check, or a tile that does not decode, is
+a :class:`ShardError` naming the shard, the dataset and the tile. Format-1 shards (no checksums) still read.
 
 Reading opens a shard as plain ``h5py.File(path, "r")`` does, with HDF5 file locking where the filesystem offers
 it (``locking="best-effort"``, which HDF5 treats as the same setting), so a user's own h5py and this reader can
@@ -15,9 +20,11 @@ shards are immutable once renamed into place.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -32,13 +39,14 @@ from python_task.errors import ConfigError, ShardError
 from python_task.fileio import atomic_path, dumps_strict
 from python_task.shards.params import CODECS
 
-FORMAT_VERSION = 1  # the file attribute format_version of the shards written here
+FORMAT_VERSION = 2  # the file attribute format_version of the shards written here (2: checksums)
 # Units and meaning of each dataset, stored as its ``units`` and ``description`` attributes.
 DATASET_ATTRS: dict[str, tuple[str, str]] = {
     "images": ("RGB, 8 bits per channel",
                "the tiles, row i = tile i: codec raw, uint8 (N, T, T, 3); codec jpeg, one JPEG file per row "
                "(variable-length uint8) that decodes to (T, T, 3); T = the tile_size file attribute, at mpp "
                "micrometres per pixel"),
+    "images_crc32": ("CRC-32 (zlib)", "codec jpeg only: the CRC-32 of each row of images, checked on every read"),
     "coords": ("level-0 pixels",
                "x, y of each tile's top-left corner on the slide's level 0 (full resolution, origin top left); the "
                "tile covers [x, x + tile_size * downsample) x [y, y + tile_size * downsample) level-0 px"),
@@ -50,6 +58,8 @@ DATASET_ATTRS: dict[str, tuple[str, str]] = {
     "tissue": ("fraction, 0 to 1", "fraction of the tile's area that is tissue (the slide's tissue mask)"),
 }
 SHARD_SUFFIX = ".h5"
+FIELDS = ("coords", "labels", "roi", "coverage", "tissue")  # the per-tile datasets beside ``images``
+CHECKSUMS = "images_crc32"  # CRC-32 of each stored JPEG file (codec jpeg, format 2)
 _RAW_GZIP_LEVEL = 4
 
 
@@ -62,6 +72,15 @@ def encode_jpeg(tile: np.ndarray, quality: int = 90) -> np.ndarray:
 
 def decode_jpeg(data: np.ndarray | bytes) -> np.ndarray:
     return imagecodecs.jpeg8_decode(np.asarray(data, dtype=np.uint8).tobytes())
+
+
+def crc32(data: np.ndarray | bytes) -> int:
+    """CRC-32 of a stored tile's bytes (``zlib``; releases the GIL on large buffers)."""
+    return zlib.crc32(memoryview(np.ascontiguousarray(data)).cast("B") if isinstance(data, np.ndarray) else data)
+
+
+class ShardVersionError(ShardError):
+    """A shard written by a newer version of the program: not damaged, only unreadable here."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +122,8 @@ class ShardWriter:
         self._file = h5py.File(self._tmp, "w", locking=False)
         self._n = 0
         self._create_datasets()
+        self._create_checksums()
+        self._describe_datasets()
 
     def _create_datasets(self) -> None:
         t = self.tile_size
@@ -110,19 +131,27 @@ class ShardWriter:
         if self.codec == "raw":
             f.create_dataset("images", shape=(0, t, t, 3), maxshape=(None, t, t, 3), dtype=np.uint8,
                              chunks=(1, t, t, 3), compression="gzip", compression_opts=_RAW_GZIP_LEVEL,
-                             shuffle=True)
+                             shuffle=True, fletcher32=True)
         else:
             f.create_dataset("images", shape=(0,), maxshape=(None,), dtype=h5py.vlen_dtype(np.uint8),
                              chunks=(64,))
         for name, dtype, extra in (("coords", np.int64, (2,)), ("labels", np.int64, ()), ("roi", np.int32, ()),
                                    ("coverage", np.float32, ()), ("tissue", np.float32, ())):
             f.create_dataset(name, shape=(0, *extra), maxshape=(None, *extra), dtype=dtype,
-                             chunks=(1024, *extra))
+                             chunks=(1024, *extra), fletcher32=True)
 
-        # Units and meaning on every dataset, for a reader with plain h5py (DATASET_ATTRS).
+    def _create_checksums(self) -> None:
+        """HDF5 cannot filter (checksum) variable-length data: a CRC-32 per JPEG file instead."""
+        if self.codec == "jpeg":
+            self._file.create_dataset(CHECKSUMS, shape=(0,), maxshape=(None,), dtype=np.uint32, chunks=(1024,),
+                                      fletcher32=True)
+
+    def _describe_datasets(self) -> None:
+        """Units and meaning on every dataset, for a reader with plain h5py (:data:`DATASET_ATTRS`)."""
         for name, (units, description) in DATASET_ATTRS.items():
-            f[name].attrs["units"] = units
-            f[name].attrs["description"] = description
+            if name in self._file:
+                self._file[name].attrs["units"] = units
+                self._file[name].attrs["description"] = description
 
     def append(self, tiles: np.ndarray | Sequence[np.ndarray], coords: np.ndarray, labels: np.ndarray,
                roi: np.ndarray, coverage: np.ndarray, tissue: np.ndarray) -> None:
@@ -132,7 +161,7 @@ class ShardWriter:
             return
         start, stop = self._n, self._n + n
         f = self._file
-        for name in ("images", "coords", "labels", "roi", "coverage", "tissue"):
+        for name in ("images", *FIELDS, *([CHECKSUMS] if CHECKSUMS in f else [])):
             f[name].resize(stop, axis=0)
         if self.codec == "raw":
             f["images"][start:stop] = np.asarray(tiles, dtype=np.uint8)
@@ -144,6 +173,7 @@ class ShardWriter:
                 f["images"][start] = encoded[0]
             else:
                 f["images"][start:stop] = encoded
+            f[CHECKSUMS][start:stop] = np.array([crc32(e) for e in encoded], dtype=np.uint32)
         f["coords"][start:stop] = np.asarray(coords, dtype=np.int64).reshape(n, 2)
         f["labels"][start:stop] = labels
         f["roi"][start:stop] = roi
@@ -184,6 +214,62 @@ class ShardWriter:
             self.abort()
 
 
+DAMAGED = "the file changed after extract wrote it (a damaged copy?): copy it again or extract the slide again"
+
+
+@contextlib.contextmanager
+def reading(path: str | os.PathLike[str], dataset: str) -> Iterator[None]:
+    """Turn HDF5's read failures inside the block (a chunk failing its Fletcher-32 checksum, damaged metadata)
+    into a :class:`ShardError` naming the shard and ``dataset``."""
+    try:
+        yield
+    except ShardError:
+        raise
+    except (OSError, RuntimeError, KeyError, ValueError) as exc:
+        text = " ".join(str(exc).split())
+        if "filter returned failure" in text:
+            cause = f"a chunk fails its Fletcher-32 checksum: {DAMAGED}"
+        else:
+            cause = f"cannot be read ({type(exc).__name__}: {text}): {DAMAGED}"
+        raise ShardError(path, f"dataset {dataset}: {cause}") from None
+
+
+def check_encoded(path: str | os.PathLike[str], rows: np.ndarray, data: np.ndarray,
+                  checksums: np.ndarray | None) -> None:
+    """Refuse stored JPEG files (``data``, the bytes of ``rows``) whose CRC-32 differs from ``checksums``
+    (the shard's ``images_crc32``; None for a format-1 shard, which has none)."""
+    if checksums is None:
+        return
+    for row, blob in zip(rows, data):
+        if crc32(blob) != int(checksums[row]):
+            raise ShardError(path, f"dataset images, tile {int(row)}: fails its CRC-32 checksum: {DAMAGED}")
+
+
+def decode_tile(path: str | os.PathLike[str], row: int, blob: np.ndarray, tile_size: int,
+                out: np.ndarray | None = None) -> np.ndarray:
+    """Decode one stored JPEG file into a ``(T, T, 3)`` tile (into ``out`` when given); a :class:`ShardError`
+    naming the shard and the tile when it does not decode to that shape."""
+    try:
+        tile = imagecodecs.jpeg8_decode(blob, out=out)
+    except Exception as exc:  # noqa: BLE001 - imagecodecs raises its own types (Jpeg8Error) and ValueError
+        raise ShardError(path, f"dataset images, tile {int(row)}: does not decode "
+                         f"({type(exc).__name__}: {' '.join(str(exc).split())}): {DAMAGED}") from None
+    if tile.shape != (tile_size, tile_size, 3):
+        raise ShardError(path, f"dataset images, tile {int(row)}: decodes to {tile.shape}, not "
+                         f"({tile_size}, {tile_size}, 3): {DAMAGED}")
+    return tile
+
+
+def check_labels(path: str | os.PathLike[str], labels: np.ndarray, label_names: Sequence[str]) -> None:
+    """Refuse labels that are not indexes into ``label_names`` (naming the shard and its ``labels`` dataset)."""
+    bad = (labels < 0) | (labels >= len(label_names))
+    if bad.any():
+        values = ", ".join(map(str, np.unique(labels[bad])[:5]))
+        raise ShardError(path, f"dataset labels: {int(bad.sum())} of {len(labels)} values ({values}) are not class "
+                         f"indexes 0..{len(label_names) - 1} of label_names ({', '.join(label_names)}): the shard "
+                         "is damaged; extract the slide again")
+
+
 def open_shard_file(path: str | os.PathLike[str]) -> h5py.File:
     """Open a shard read-only: with file locking as plain ``h5py.File(path, "r")`` has it where the filesystem
     allows (so both can hold the file open in one process), else without (NFS, a lock held elsewhere)."""
@@ -216,6 +302,10 @@ def read_shard_info(path: str | os.PathLike[str]) -> ShardInfo:
 
 def shard_info_from_file(f: h5py.File, path: Path) -> ShardInfo:
     a = f.attrs
+    version = a.get("format_version", 1)
+    if isinstance(version, (int, np.integer)) and version > FORMAT_VERSION:
+        raise ShardVersionError(path, f"written in shard format {int(version)}, newer than this program reads "
+                         f"({FORMAT_VERSION}): update python_task")
     try:
         return ShardInfo(
             path=path, slide_id=_attr_str(a, "slide_id"), patient_id=_attr_str(a, "patient_id"),
@@ -225,6 +315,9 @@ def shard_info_from_file(f: h5py.File, path: Path) -> ShardInfo:
             n_tiles=int(f["labels"].shape[0]), params=json.loads(_attr_str(a, "params", "{}")))
     except KeyError as exc:
         raise ShardError(path, f"not a tile shard: missing {exc}") from None
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise ShardError(path, f"damaged attributes ({type(exc).__name__}: {' '.join(str(exc).split())}): "
+                         f"{DAMAGED}") from None
 
 
 class ShardReader:
@@ -234,6 +327,7 @@ class ShardReader:
         self.path = Path(path)
         self._file: h5py.File | None = None
         self._images: h5py.Dataset | None = None
+        self._checksums: np.ndarray | bool | None = None
         self.info = read_shard_info(self.path)
 
     @classmethod
@@ -241,6 +335,7 @@ class ShardReader:
         """A reader for a shard already described by ``info`` (no file opened until the first read)."""
         reader = cls.__new__(cls)
         reader.path, reader.info, reader._file, reader._images = info.path, info, None, None
+        reader._checksums = None
         return reader
 
     @property
@@ -253,20 +348,29 @@ class ShardReader:
     def images_dataset(self) -> h5py.Dataset:
         """The ``images`` dataset, opened once (re-opening it per read costs a lookup and its chunk cache)."""
         if self._images is None:
-            self._images = self.file["images"]
+            with reading(self.path, "images"):
+                self._images = self.file["images"]
         return self._images
+
+    @property
+    def checksums(self) -> np.ndarray | None:
+        """The CRC-32 of each stored JPEG file (``images_crc32``), read once; None where the shard has none."""
+        if self._checksums is None:
+            self._checksums = self.field(CHECKSUMS) if CHECKSUMS in self.file else False
+        return None if self._checksums is False else self._checksums  # type: ignore[return-value]
 
     def __len__(self) -> int:
         return self.info.n_tiles
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_file"] = state["_images"] = None
+        state["_file"] = state["_images"] = state["_checksums"] = None
         return state
 
     def field(self, name: str) -> np.ndarray:
-        """A whole per-tile field (``coords``, ``labels``, ``roi``, ``coverage``, ``tissue``)."""
-        return self.file[name][()]
+        """A whole per-tile field (``coords``, ``labels``, ``roi``, ``coverage``, ``tissue``), checksums checked."""
+        with reading(self.path, name):
+            return self.file[name][()]
 
     def images(self, indices: Iterable[int] | slice | None = None) -> np.ndarray:
         """Decoded RGB tiles ``(n, T, T, 3)`` uint8, in the order of ``indices``."""
@@ -277,23 +381,29 @@ class ShardReader:
             idx = np.arange(len(self))[indices]
         else:
             idx = np.asarray(list(indices), dtype=np.int64)
+        T = self.info.tile_size
         if self.info.codec == "raw":
             order = np.argsort(idx, kind="stable")
-            out = np.empty((len(idx), self.info.tile_size, self.info.tile_size, 3), dtype=np.uint8)
+            out = np.empty((len(idx), T, T, 3), dtype=np.uint8)
             if len(idx):
-                out[order] = ds[idx[order]] if _strictly_increasing(idx[order]) else np.stack(
-                    [ds[i] for i in idx[order]])
+                with reading(self.path, "images"):
+                    out[order] = ds[idx[order]] if _strictly_increasing(idx[order]) else np.stack(
+                        [ds[i] for i in idx[order]])
             return out
         uniq, inverse = np.unique(idx, return_inverse=True)
-        data = read_encoded_rows(ds, uniq)
-        return np.stack([decode_jpeg(data[j]) for j in inverse]) if len(idx) else np.empty(
-            (0, self.info.tile_size, self.info.tile_size, 3), np.uint8)
+        with reading(self.path, "images"):
+            data = read_encoded_rows(ds, uniq)
+        check_encoded(self.path, uniq, data, self.checksums)
+        out = np.empty((len(idx), T, T, 3), dtype=np.uint8)
+        for k, j in enumerate(inverse):
+            decode_tile(self.path, uniq[j], data[j], T, out=out[k])
+        return out
 
     def image(self, i: int) -> np.ndarray:
         return self.images([i])[0]
 
     def close(self) -> None:
-        self._images = None
+        self._images = self._checksums = None
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -19,33 +20,63 @@ import numpy as np
 
 from python_task.errors import ShardError
 from python_task.fileio import write_csv_atomic
-from python_task.shards.format import list_shards, open_shard_file, shard_info_from_file
+from python_task.shards.format import check_labels, list_shards, open_shard_file, reading, shard_info_from_file
 from python_task.wsi.labels import DEFAULT_CLASSES
+
+log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.csv"
 LEADING_COLUMNS = ("slide_id", "patient_id", "diagnosis", "shard", "n_tiles")
 REQUIRED_COLUMNS = ("slide_id", "patient_id", "shard", "n_tiles")
 
 
-def manifest_rows(shards_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """One manifest row per finished shard, with tile counts per class."""
+def manifest_rows(shards_dir: str | os.PathLike[str], *, params: Mapping[str, Any] | None = None,
+                  problems: list[ShardError] | None = None) -> list[dict[str, Any]]:
+    """One manifest row per finished shard, with tile counts per class.
+
+    A shard that cannot be read, whose labels are not indexes into its ``label_names``, or (given ``params``, the
+    parameters the folder's shards share) that was made with other values of them has no row: its :class:`ShardError` is
+    appended to ``problems`` when given, raised otherwise."""
     rows = []
     for path in list_shards(shards_dir):
-        with open_shard_file(path) as f:
-            info = shard_info_from_file(f, path)
-            counts = np.bincount(f["labels"][()], minlength=len(info.label_names))
-        row: dict[str, Any] = {"slide_id": info.slide_id, "patient_id": info.patient_id,
-                               "diagnosis": info.diagnosis, "shard": path.name, "n_tiles": info.n_tiles}
-        for name, count in zip(info.label_names, counts):
-            row[f"n_{name}"] = int(count)
-        row.update(codec=info.codec, tile_size=info.tile_size, mpp=round(info.mpp, 6))
-        rows.append(row)
+        try:
+            rows.append(_manifest_row(path, params))
+        except ShardError as exc:
+            if problems is None:
+                raise
+            problems.append(exc)
     return rows
 
 
-def write_manifest(shards_dir: str | os.PathLike[str]) -> Path:
-    """(Re)write ``manifest.csv`` from the shards present, so a resumed run lists every shard."""
-    rows = manifest_rows(shards_dir)
+def _manifest_row(path: Path, params: Mapping[str, Any] | None) -> dict[str, Any]:
+    with open_shard_file(path) as f:
+        info = shard_info_from_file(f, path)
+        with reading(path, "labels"):
+            labels = f["labels"][()]
+    if params is not None and {k: info.params.get(k) for k in params} != dict(params):
+        raise ShardError(path, "made with other extraction parameters than the folder's (extract.json): not listed; "
+                         "extract this slide again with `overwrite`, or move the shard away")
+    check_labels(path, labels, info.label_names)
+    counts = np.bincount(labels, minlength=len(info.label_names))
+    row: dict[str, Any] = {"slide_id": info.slide_id, "patient_id": info.patient_id,
+                           "diagnosis": info.diagnosis, "shard": path.name, "n_tiles": info.n_tiles}
+    for name, count in zip(info.label_names, counts):
+        row[f"n_{name}"] = int(count)
+    row.update(codec=info.codec, tile_size=info.tile_size, mpp=round(info.mpp, 6))
+    return row
+
+
+def write_manifest(shards_dir: str | os.PathLike[str], *, params: Mapping[str, Any] | None = None,
+                   problems: list[ShardError] | None = None) -> Path:
+    """(Re)write ``manifest.csv`` from the shards present, so a resumed run lists every shard. Shards that cannot
+    be listed (see :func:`manifest_rows`) are left out, each with a logged warning (and its error appended to
+    ``problems`` when given)."""
+    found: list[ShardError] = []
+    rows = manifest_rows(shards_dir, params=params, problems=found)
+    for problem in found:
+        log.warning("left out of %s: %s", MANIFEST_NAME, problem)
+    if problems is not None:
+        problems.extend(found)
     path = Path(shards_dir) / MANIFEST_NAME
     if rows:
         write_csv_atomic(path, rows)
@@ -102,6 +133,19 @@ def read_manifest(shards_dir: str | Path) -> list[dict]:
     if not rows:
         raise ShardError(path, "lists no slide (did extract find any tile?): nothing to split")
     return rows
+
+
+def check_counts(path: str | os.PathLike[str], labels: np.ndarray, label_names: Sequence[str], row: Mapping,
+                 manifest_path: str | os.PathLike[str] | None) -> None:
+    """Refuse a shard whose tile counts (in total and per class) differ from its manifest row."""
+    counts = np.bincount(labels, minlength=len(label_names))
+    have = {"n_tiles": len(labels), **{f"n_{n}": int(c) for n, c in zip(label_names, counts)}}
+    listed = {k: row.get(k) for k in have if k in row}
+    wrong = {k: (v, have[k]) for k, v in listed.items() if v is not None and int(v) != have[k]}
+    if wrong:
+        detail = ", ".join(f"{k} {old} in the manifest, {new} in the shard" for k, (old, new) in wrong.items())
+        raise ShardError(path, f"does not match {manifest_path or 'manifest.csv'}: {detail}; the shard or the "
+                         "manifest changed after extract (run verify; extract again rewrites the manifest)")
 
 
 def _n_fields(raw: Mapping) -> int:

@@ -16,6 +16,7 @@ from python_task.wsi.tissue import TISSUE_MPP
 
 CODECS = ("jpeg", "raw")  # the first is the default
 MIN_TILE_SIZE = 16
+PER_SLIDE = ("slide_mpp", "offset", "ignore_unknown")  # parameters that may differ between the slides of a folder
 
 
 @dataclass(frozen=True)
@@ -57,4 +58,13 @@ class ExtractParams:
         d["labels"] = None if self.labels is None else str(self.labels)
         d["offset"] = list(self.offset)
         d.pop("reader")  # both readers give the same pixels
+        return d
+
+    def folder_params(self) -> dict[str, Any]:
+        """The parameters every shard of one folder must share (recorded in its ``extract.json``): those of
+        :meth:`shard_params` that change what a tile is, not the ones that describe one slide (its µm/px when the
+        metadata lacks it, its annotation offset, whether unknown classes are skipped)."""
+        d = self.shard_params()
+        for key in PER_SLIDE:
+            d.pop(key)
         return d

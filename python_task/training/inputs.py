@@ -15,7 +15,7 @@ from python_task.data.dataset import ChainTransform, ShardBatches, TileFetcher, 
 from python_task.data.splits import load_fold
 from python_task.errors import ShardError, TaskError
 from python_task.fileio import write_json_atomic
-from python_task.shards.manifest import manifest_digest
+from python_task.shards.manifest import MANIFEST_NAME, digest_rows, read_manifest
 from python_task.training.config import TrainConfig
 from python_task.transforms.augment_cv import PipelineAugmenter
 from python_task.transforms.stain import (
@@ -40,6 +40,11 @@ class RunData:
     manifest_digest: str
     stain_transforms: list[StainTransform] = field(default_factory=list)
 
+    def reader_error(self) -> TaskError | None:
+        """The first failure of a reader thread (a damaged shard), which the backend may have re-raised as its own
+        exception type (TensorFlow: ``UnknownError``): re-raise this instead, it names the shard."""
+        return self.train_batches.error or self.val_batches.error
+
     def passthrough_fraction(self) -> float:
         """Fraction of the tiles normalised so far that passed through unchanged (background, no estimate)."""
         seen = sum(t.seen for t in self.stain_transforms)
@@ -51,8 +56,10 @@ def prepare_data(cfg: TrainConfig, start_epoch: int, engine: str = "model") -> R
     """Indexes, batches and stain normaliser of a run; with ``engine`` ``pipeline`` the training batches are
     augmented in the reader threads (after stain normalisation)."""
     fold = load_fold(cfg.splits, cfg.shards, cfg.fold)
-    train_index = build_index(cfg.shards, fold.train_slides).sample(cfg.max_train_tiles, cfg.seed)
-    val_index = build_index(cfg.shards, fold.val_slides).sample(cfg.max_val_tiles, cfg.seed + 1)
+    rows = read_manifest(cfg.shards)
+    listed = {"manifest": {r["slide_id"]: r for r in rows}, "manifest_path": Path(cfg.shards) / MANIFEST_NAME}
+    train_index = build_index(cfg.shards, fold.train_slides, **listed).sample(cfg.max_train_tiles, cfg.seed)
+    val_index = build_index(cfg.shards, fold.val_slides, **listed).sample(cfg.max_val_tiles, cfg.seed + 1)
     if len(np.unique(train_index.labels)) < 2:
         raise ShardError(cfg.splits, f"fold {cfg.fold}: the training set has a single class "
                          f"({train_index.class_counts()}); a classifier cannot be trained")
@@ -68,7 +75,7 @@ def prepare_data(cfg: TrainConfig, start_epoch: int, engine: str = "model") -> R
                                  transform=transform, workers=cfg.workers, epoch=start_epoch, dtype=None)
     val_batches = ShardBatches(val_index, max(cfg.batch_size, VAL_BATCH_MIN), shuffle=False, seed=cfg.seed,
                                transform=val_stain, workers=cfg.workers, dtype=None)
-    return RunData(train_index, val_index, train_batches, val_batches, normalizer, manifest_digest(cfg.shards),
+    return RunData(train_index, val_index, train_batches, val_batches, normalizer, digest_rows(rows),
                    [t for t in (stain, val_stain) if t is not None])
 
 

@@ -27,7 +27,14 @@ from sklearn.utils.class_weight import compute_class_weight
 from tqdm import tqdm
 
 from python_task.errors import TaskError
-from python_task.fileio import atomic_path, nan_for_null, write_csv_atomic, write_json_atomic
+from python_task.fileio import (
+    atomic_path,
+    folder_lock,
+    nan_for_null,
+    remove_stale_temporaries,
+    write_csv_atomic,
+    write_json_atomic,
+)
 from python_task.runtime import accelerator_present, library_versions
 from python_task.training.checkpoints import (
     CHECKPOINT_DIR,
@@ -61,8 +68,15 @@ PREDICTION_COLUMNS = ["slide_id", "patient_id", "x", "y", "label", "prob"]
 # --------------------------------------------------------------------------------------------- entry point
 
 def train(cfg: TrainConfig) -> dict[str, float]:
-    """Run (or resume, or recognise as finished) one training point; returns the metrics."""
-    cfg.out.mkdir(parents=True, exist_ok=True)
+    """Run (or resume, or recognise as finished) one training point; returns the metrics. Holds the lock of
+    ``cfg.out`` throughout (:class:`~python_task.errors.BusyError` when another run holds it)."""
+    with folder_lock(cfg.out, "train"):
+        for folder in (cfg.out, cfg.out / CHECKPOINT_DIR):  # what a killed run was writing
+            remove_stale_temporaries(folder)
+        return _train(cfg)
+
+
+def _train(cfg: TrainConfig) -> dict[str, float]:
     done = _finished_metrics(cfg)
     if done is not None:
         if cfg.verbose:
@@ -192,8 +206,14 @@ def run_epochs(cfg: TrainConfig, model, train_model, data: RunData, state: RunSt
             compile_model(train_model, cfg, cfg.lr * FINE_TUNE_LR_FACTOR)
         t0 = time.perf_counter()
         data.train_batches.set_epoch(epoch)
-        hist = train_model.fit(data.train_batches, epochs=1, verbose=0, class_weight=class_weight, shuffle=False,
-                               callbacks=[progress.callback(epoch, cfg.epochs, len(data.train_batches))])
+        try:
+            hist = train_model.fit(data.train_batches, epochs=1, verbose=0, class_weight=class_weight,
+                                   shuffle=False, callbacks=[progress.callback(epoch, cfg.epochs,
+                                                                               len(data.train_batches))])
+        except Exception:
+            if data.reader_error() is not None:  # a damaged shard: its own error, not the backend's wrapper
+                raise data.reader_error() from None
+            raise
         loss = float(hist.history["loss"][-1])
         if not math.isfinite(loss):
             raise TaskError(cfg.out, f"training loss became {loss} at epoch {epoch + 1}: lower `lr` "

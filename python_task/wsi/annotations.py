@@ -29,21 +29,26 @@ from the positive regions they overlap and are not returned themselves.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import gzip
 import io
 import json
 import logging
 import math
+import os
+import threading
 import xml.etree.ElementTree as ET
 import zipfile
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import shapely
+import shapely.errors
 from shapely import affinity
 from shapely.geometry import MultiPolygon, Point, Polygon, box
 from shapely.geometry.base import BaseGeometry
@@ -141,6 +146,12 @@ def read_annotations(path: str | Path, *, include_detections: bool = False) -> l
             shapes = _parse_imagescope(content)
     except _Invalid as exc:
         raise AnnotationError(path, str(exc)) from None
+    except shapely.errors.GEOSException as exc:  # a geometry GEOS cannot process: the file is at fault
+        raise AnnotationError(path, f"a region's geometry cannot be processed ({' '.join(str(exc).split())})") \
+            from None
+    except MemoryError:
+        raise AnnotationError(path, "out of memory while reading its regions: simplify its largest polygons") \
+            from None
     if skipped:
         log.info("%s: skipped %d QuPath objects that are not annotations (%s)", path, sum(skipped.values()),
                  ", ".join(f"{n} {kind}" for kind, n in skipped.most_common()))
@@ -182,7 +193,10 @@ def clip_regions(regions: Sequence[Region], width: int, height: int,
         if bounds.contains(region.geometry):
             kept.append(region)
             continue
-        clipped = _polygonal(region.geometry.intersection(bounds))
+        try:
+            clipped = _polygonal(region.geometry.intersection(bounds), region.describe())
+        except _Invalid as exc:
+            raise AnnotationError(path, str(exc)) from None
         if clipped.is_empty:
             warnings.append(f"{region.describe()} lies outside the slide ({size}): dropped")
         else:
@@ -359,19 +373,104 @@ def _child(element: ET.Element, name: str) -> ET.Element | None:
 _Shape = tuple[str | tuple[str, ...], BaseGeometry, str | None, tuple[int, int, int] | None]
 
 
-def _polygonal(geom: BaseGeometry) -> BaseGeometry:
-    """Repair ``geom`` and keep only its polygonal parts: a valid Polygon or MultiPolygon, or an empty Polygon."""
+MAX_VERTICES = 1_000_000  # per region; PYTHON_TASK_MAX_VERTICES overrides
+REPAIR_SECONDS = 20.0  # per region repair; PYTHON_TASK_REPAIR_SECONDS overrides (0: no limit)
+
+
+def _limit(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def _check_vertices(n: int, where: str) -> None:
+    """Refuse a region with more vertices than the limit, before any geometry work on it."""
+    limit = int(_limit("PYTHON_TASK_MAX_VERTICES", MAX_VERTICES))
+    if n > limit:
+        raise _Invalid(f"{where}: {n:,} vertices, more than the {limit:,} a region may have: simplify it in the "
+                       "annotation tool (or raise PYTHON_TASK_MAX_VERTICES)")
+
+
+@functools.lru_cache(maxsize=1)
+def _geos_c() -> Any:
+    """The GEOS C library shapely runs on (found among the process's mapped files), whose
+    ``GEOS_interruptRequest`` stops a running operation; None where it cannot be found (then no time budget)."""
+    try:
+        import ctypes
+
+        with open("/proc/self/maps", encoding="utf-8") as fh:
+            paths = sorted({line.split()[-1] for line in fh if "libgeos_c" in line and "/" in line})
+        for path in paths:
+            lib = ctypes.CDLL(path)
+            if hasattr(lib, "GEOS_interruptRequest") and hasattr(lib, "GEOS_interruptCancel"):
+                return lib
+    except OSError:
+        pass
+    return None
+
+
+@contextlib.contextmanager
+def _time_budget(seconds: float) -> Iterator[Callable[[], bool]]:
+    """Interrupt the GEOS operation running in the block after ``seconds`` (it then raises a GEOSException);
+    yields a function telling whether the budget ran out. GEOS's interrupt flag is process-wide: geometry work
+    of other threads at that instant would be interrupted too (annotations are read in one thread)."""
+    lib = _geos_c()
+    if lib is None or not seconds > 0:
+        yield lambda: False
+        return
+    fired = threading.Event()
+
+    def interrupt() -> None:
+        fired.set()
+        lib.GEOS_interruptRequest()
+
+    timer = threading.Timer(seconds, interrupt)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield fired.is_set
+    finally:
+        timer.cancel()
+        timer.join()
+        if fired.is_set():
+            lib.GEOS_interruptCancel()  # the operation may have ended just before: no later one must see it
+
+
+def _bounded(operation: Callable[[], BaseGeometry], geom: BaseGeometry, where: str, what: str) -> BaseGeometry:
+    """``operation()`` on ``geom`` within the vertex limit and the time budget (a clear :class:`_Invalid`
+    naming the region otherwise)."""
+    n = int(shapely.get_num_coordinates(geom))
+    _check_vertices(n, where)
+    seconds = _limit("PYTHON_TASK_REPAIR_SECONDS", REPAIR_SECONDS)
+    with _time_budget(seconds) as expired:
+        try:
+            return operation()
+        except shapely.errors.GEOSException:
+            if not expired():
+                raise
+    raise _Invalid(f"{where}: {what} ({n:,} vertices) took more than {seconds:g} s: the polygon crosses itself "
+                   "too often; simplify or redraw it in the annotation tool (or raise PYTHON_TASK_REPAIR_SECONDS)")
+
+
+def _polygonal(geom: BaseGeometry, where: str = "a region") -> BaseGeometry:
+    """Repair ``geom`` and keep only its polygonal parts: a valid Polygon or MultiPolygon, or an empty Polygon.
+
+    The repair is ``make_valid`` with the ``structure`` method (shells united, holes subtracted: what an annotator
+    means by a self-crossing outline, and some hundred times faster than ``linework`` on a large polygon with a few
+    crossings), bounded by :data:`MAX_VERTICES` and :data:`REPAIR_SECONDS` per region."""
     if geom.is_empty:
         return Polygon()
     if not geom.is_valid:
-        geom = shapely.make_valid(geom)
+        geom = _bounded(lambda: shapely.make_valid(geom, method="structure", keep_collapsed=False), geom, where,
+                        "repairing this self-intersecting polygon")
     if isinstance(geom, Polygon | MultiPolygon):
         return geom if geom.area > 0 else Polygon()
     parts = [p for p in shapely.get_parts(geom) if isinstance(p, Polygon | MultiPolygon) and p.area > 0]
     if not parts:
         return Polygon()
-    merged = shapely.unary_union(parts)
-    return merged if isinstance(merged, Polygon | MultiPolygon) else _polygonal(merged)
+    merged = _bounded(lambda: shapely.unary_union(parts), geom, where, "merging the repaired parts")
+    return merged if isinstance(merged, Polygon | MultiPolygon) else _polygonal(merged, where)
 
 
 def _ring(points: Iterable[Any], where: str) -> list[tuple[float, float]]:
@@ -388,18 +487,21 @@ def _ring(points: Iterable[Any], where: str) -> list[tuple[float, float]]:
     return ring
 
 
-def _polygon(shell: list[tuple[float, float]], holes: Sequence[list[tuple[float, float]]] = ()) -> BaseGeometry:
+def _polygon(shell: list[tuple[float, float]], holes: Sequence[list[tuple[float, float]]] = (),
+             where: str = "a region") -> BaseGeometry:
     """A repaired polygon, or an empty one when the shell cannot enclose any area."""
+    _check_vertices(len(shell) + sum(map(len, holes)), where)
     if len(set(shell)) < 3:
         return Polygon()
     holes = [h for h in holes if len(set(h)) >= 3]
-    return _polygonal(Polygon(shell, holes))
+    return _polygonal(Polygon(shell, holes), where)
 
 
-def _subtract(positive: BaseGeometry, negative: BaseGeometry | None) -> BaseGeometry:
+def _subtract(positive: BaseGeometry, negative: BaseGeometry | None, where: str = "a region") -> BaseGeometry:
     if negative is None or negative.is_empty or not positive.intersects(negative):
         return positive
-    return _polygonal(positive.difference(negative))
+    return _polygonal(_bounded(lambda: positive.difference(negative), positive, where, "cutting out the exclusions"),
+                      where)
 
 
 def _argb_to_rgb(value: int) -> tuple[int, int, int]:
@@ -507,13 +609,13 @@ def _geojson_geometry(geom: Any, where: str) -> BaseGeometry | None:
         if not isinstance(coords, list):
             raise _Invalid(f"{where}: MultiPolygon coordinates are not a list")
         parts = [_geojson_polygon(p, where) for p in coords]
-        return _polygonal(shapely.unary_union([p for p in parts if not p.is_empty])) if parts else Polygon()
+        return _polygonal(shapely.unary_union([p for p in parts if not p.is_empty]), where) if parts else Polygon()
     if kind == "GeometryCollection":
         parts = [_geojson_geometry(g, where) for g in geom.get("geometries") or []]
         polygons = [p for p in parts if p is not None and not p.is_empty]
         if not polygons:
             return None if all(p is None for p in parts) else Polygon()
-        return _polygonal(shapely.unary_union(polygons))
+        return _polygonal(shapely.unary_union(polygons), where)
     log.debug("%s: %s geometry is not an area", where, kind)
     return None
 
@@ -524,7 +626,7 @@ def _geojson_polygon(coords: Any, where: str) -> BaseGeometry:
     if not coords:
         return Polygon()
     rings = [_ring(ring, where) for ring in coords]
-    return _polygon(rings[0], rings[1:])
+    return _polygon(rings[0], rings[1:], where)
 
 
 def _qupath_object_type(feature: dict[str, Any], props: dict[str, Any]) -> str:
@@ -609,7 +711,7 @@ def _parse_asap(root: ET.Element) -> list[_Shape]:
     cut = shapely.unary_union(exclusions)
     out = []
     for class_name, geometry, name, color in positives:
-        geometry = _subtract(geometry, cut)
+        geometry = _subtract(geometry, cut, f"annotation {name!r}")
         if geometry.is_empty:
             log.debug("annotation %r skipped: entirely inside an exclusion", name)
             continue
@@ -653,9 +755,9 @@ def _asap_geometry(annotation: ET.Element, kind: str, where: str) -> BaseGeometr
     points = _ring((xy for _, _, xy in keyed), where)
     if kind == "rectangle" and len(points) == 2:  # two opposite corners
         (x0, y0), (x1, y1) = points
-        return _polygonal(box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)))
+        return _polygonal(box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)), where)
     # A spline is approximated by the polygon through its control points.
-    return _polygon(points)
+    return _polygon(points, where=where)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -687,7 +789,7 @@ def _parse_imagescope(root: ET.Element) -> list[_Shape]:
             continue
         cut = shapely.unary_union(holes) if holes else None
         for class_name, geometry, name in positives:
-            geometry = _subtract(geometry, cut)
+            geometry = _subtract(geometry, cut, f"layer {layer.get('Id', layer_number)} region {name or class_name!r}")
             if not geometry.is_empty:
                 shapes.append((class_name, geometry, name, color))
     return shapes
@@ -723,5 +825,5 @@ def _imagescope_geometry(region: ET.Element, where: str) -> BaseGeometry:
         if rx == 0 or ry == 0:
             return Polygon()
         circle = Point((x0 + x1) / 2, (y0 + y1) / 2).buffer(1.0, quad_segs=32)
-        return _polygonal(affinity.scale(circle, rx, ry))
-    return _polygon(points)
+        return _polygonal(affinity.scale(circle, rx, ry), where)
+    return _polygon(points, where=where)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 
@@ -68,36 +69,45 @@ def test_plan_errors_name_the_file(tmp_path, synth_shards, splits_file, bad, nee
 
 
 def test_runs_points_records_failures_and_resumes(tmp_path, synth_shards, splits_file):
-    path = _plan(tmp_path, synth_shards, splits_file, factors={"arch": ["simple_cnn"], "fold": [0, 1, 7]})
+    from python_task.fileio import folder_lock
+
+    path = _plan(tmp_path, synth_shards, splits_file)
     out = tmp_path / "sweep"
-    report = run_sweep(path, out, jobs=2, progress=False)
-    assert report.ran == 3
+    busy = next(p for p in expand_points(load_plan(path)) if p["fold"] == 1)
+    with folder_lock(out / "points" / point_id(busy), "a stray train"):  # that point fails as it runs
+        report = run_sweep(path, out, jobs=2, progress=False)
+    assert report.ran == 2
     with open(out / "results.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == 3
+    assert len(rows) == 2
     assert set(CONTRACT_METRICS) <= set(rows[0]) and {"arch", "fold", "status", "epochs"} <= set(rows[0])
     by_fold = {r["fold"]: r for r in rows}
-    assert by_fold["0"]["status"] == by_fold["1"]["status"] == "ok"
-    assert by_fold["7"]["status"] == "failed" and "fold" in by_fold["7"]["error"]
+    assert by_fold["0"]["status"] == "ok"
+    assert by_fold["1"]["status"] == "failed" and "in use by another run (a stray train" in by_fold["1"]["error"]
     assert 0.0 <= float(by_fold["0"]["val_auc"]) <= 1.0
     assert float(by_fold["0"]["overhead_seconds"]) > 0
     assert (out / by_fold["0"]["out_dir"] / "model.keras").exists()
-    stamp = (out / "results.csv").stat().st_mtime_ns
 
-    ok_plan = _plan(tmp_path, synth_shards, splits_file)  # the same two good points
-    again = run_sweep(ok_plan, out, progress=False)
-    assert again.ran == 0 and again.skipped == 2
+    again = run_sweep(path, out, progress=False)  # the failed point is retried, the finished one skipped
+    assert again.ran == 1 and again.skipped == 1 and not again.failed
+    stamp = (out / "results.csv").stat().st_mtime_ns
+    third = run_sweep(path, out, progress=False)
+    assert third.ran == 0 and third.skipped == 2
     assert (out / "results.csv").stat().st_mtime_ns == stamp  # nothing to do, nothing written
 
 
-def test_cli_exit_status(tmp_path, synth_shards, splits_file):
-    path = _plan(tmp_path, synth_shards, splits_file, factors={"arch": ["no_such_arch"], "fold": [0]})
+def test_cli_refuses_a_bad_plan_before_any_point(tmp_path, synth_shards, splits_file):
+    path = _plan(tmp_path, synth_shards, splits_file, factors={"arch": ["simple_cnn", "no_such_arch"],
+                                                               "fold": [0, 5], "lr": [0.001, -1, "1e-3"]})
     proc = subprocess.run([sys.executable, "-m", "python_task", "sweep", str(path), "--out", str(tmp_path / "o")],
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1 and "1 failed" in proc.stderr
-    with open(tmp_path / "o" / "results.csv") as fh:
-        row = next(csv.DictReader(fh))
-    assert row["status"] == "failed" and "no_such_arch" in row["error"]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and len(errors) == 3, proc.stderr
+    assert all(str(path) in e for e in errors)
+    assert any("'arch': 'no_such_arch'" in e for e in errors)
+    assert any("'fold': 5 is not a fold" in e and "it has 2" in e for e in errors)
+    assert any("'lr': -1.0: must be a positive number" in e for e in errors)
+    assert not (tmp_path / "o" / "results.csv").exists() and not (tmp_path / "o" / "points").exists()
 
 
 def test_null_metrics_stay_nan_in_the_results_table(tmp_path, synth_shards, splits_file, monkeypatch):
@@ -116,3 +126,46 @@ def test_null_metrics_stay_nan_in_the_results_table(tmp_path, synth_shards, spli
     with open(tmp_path / "sweep" / "results.csv", newline="") as fh:
         (row,) = list(csv.DictReader(fh))
     assert row["status"] == "ok" and row["val_slide_auc"] == "nan" and row["val_auc"] == "0.5"
+
+
+def test_values_are_typed_so_equal_values_are_one_level(tmp_path, synth_shards, splits_file):
+    path = _plan(tmp_path, synth_shards, splits_file, factors={"arch": ["simple_cnn"], "fold": [0],
+                                                               "lr": [0.001, "1e-3", "0.0005"],
+                                                               "base_filters": [8, 8.0, "16"]})
+    plan = load_plan(path)
+    assert plan.factors["lr"] == [0.001, 0.0005] and plan.factors["base_filters"] == [8, 16]
+    points = expand_points(plan)
+    assert len(points) == 4 and len({point_id(p) for p in points}) == 4
+    for bad, needle in (({"epochs": "ten"}, "'epochs': 'ten' must be a whole number"),
+                        ({"freeze_backbone": "maybe"}, "must be true or false")):
+        with pytest.raises(TaskError, match=needle):
+            load_plan(_plan(tmp_path, synth_shards, splits_file, fixed=bad))
+    with pytest.raises(TaskError, match="draw it with int_uniform"):
+        load_plan(_plan(tmp_path, synth_shards, splits_file,
+                        random={"n": 2, "factors": {"batch_size": {"uniform": [8, 32]}}}))
+    rnd = load_plan(_plan(tmp_path, synth_shards, splits_file,
+                          random={"n": 2, "factors": {"lr": {"log_uniform": ["1e-4", "1e-2"]}}}))
+    assert all(1e-4 <= p["lr"] <= 1e-2 for p in expand_points(rnd))
+
+
+def test_one_sweep_per_folder_and_its_settings_are_kept(tmp_path, synth_shards, splits_file):
+    from python_task.errors import BusyError
+    from python_task.experiments import sweep
+    from python_task.fileio import folder_lock
+
+    path = _plan(tmp_path, synth_shards, splits_file)
+    out = tmp_path / "o"
+    with folder_lock(out, "sweep"):
+        with pytest.raises(BusyError, match="in use by another run \\(sweep, pid"):
+            run_sweep(path, out, progress=False)
+    plan = load_plan(path)
+    sweep._check_settings(plan, out, overwrite=False)  # a first run records what its results depend on
+    (out / "points" / "old").mkdir(parents=True)
+    (out / "results.csv").write_text("point_id,status\nold,ok\n")
+    other = load_plan(_plan(tmp_path, synth_shards, splits_file, fixed={"epochs": 2}))
+    with pytest.raises(TaskError, match=r"sweep.json: the results in .* were made with other fixed .* use `overwrite`"):
+        sweep._check_settings(other, out, overwrite=False)
+    sweep._check_settings(other, out, overwrite=True)
+    assert not (out / "points").exists() and not (out / "results.csv").exists()
+    assert json.loads((out / "sweep.json").read_text())["fixed"] == {"epochs": 2}
+    sweep._check_settings(other, out, overwrite=False)  # the same settings again: fine

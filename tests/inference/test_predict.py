@@ -163,6 +163,14 @@ def test_bad_inputs(trained_model, val_jobs, tmp_path, shared_data):
     (lone / "model.keras").write_bytes((trained_model / "model.keras").read_bytes())
     with pytest.raises(TaskError, match="config.json"):
         predict_slide(lone / "model.keras", job.slide_path, tmp_path / "o")
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "config.json").write_bytes((trained_model / "config.json").read_bytes())
+    (fake / "model.keras").write_text("not a model")  # exists: never "not found"
+    for model in (fake / "model.keras", fake / "config.json"):
+        with pytest.raises(TaskError, match="not a Keras model") as err:
+            predict_slide(model, job.slide_path, tmp_path / "o")
+        assert err.value.path == str(model) and "not found" not in str(err.value)
     proc = subprocess.run([sys.executable, "-m", "python_task", "predict", "--model", str(trained_model / "model.keras"),
                            "--slide", str(shared_data / "broken.svs"), "--out", str(tmp_path / "o")],
                           capture_output=True, text=True, timeout=300)

@@ -115,7 +115,8 @@ def test_rerun_skips_finished_shards_and_resumes(synth_cohort, tmp_path):
     assert (tmp_path / f"{jobs[0].slide_id}.h5").stat().st_mtime_ns == stamp
     with open(tmp_path / "manifest.csv") as fh:
         assert len(list(csv.DictReader(fh))) == 3
-    with pytest.raises(TaskError, match="other parameters"):
+    assert not list(tmp_path.glob(".*.tmp"))  # the killed run's temporary file is gone
+    with pytest.raises(TaskError, match="other settings .*`tile_size` 256 there, 128 now"):
         extract_cohort(jobs[:1], tmp_path, ExtractParams(tile_size=128), progress=False)
 
 
@@ -155,7 +156,9 @@ def test_bad_inputs_each_give_one_line_errors(synth_cohort, shared_data, tmp_pat
 
     truncated = tmp_path / "truncated.tiff"
     truncated.write_bytes(job.slide_path.read_bytes()[: job.slide_path.stat().st_size // 3])
-    _assert_one_line_error(_single(tmp_path, truncated, job.annotation_path), "truncated.tiff")
+    proc = _single(tmp_path, truncated, job.annotation_path)
+    _assert_one_line_error(proc, "truncated.tiff")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # no "ERROR tifffile: ..." beside it
     _no_shard_written(tmp_path)
 
     garbage = tmp_path / "notes.geojson"
@@ -248,3 +251,174 @@ def test_cli_single_slide_defaults(synth_cohort, tmp_path):
     info = read_shard_info(tmp_path / "out" / f"{job.slide_path.stem}.h5")
     assert info.patient_id == "PX" and info.slide_id == job.slide_path.stem
     shutil.rmtree(tmp_path / "out")
+
+
+# --------------------------------------------------------------------------------------------- crashes stay local
+
+def _manifest_ids(folder: Path) -> list[str]:
+    with open(folder / "manifest.csv", newline="") as fh:
+        return sorted(r["slide_id"] for r in csv.DictReader(fh))
+
+
+def test_a_killed_worker_fails_nothing_the_pool_is_rebuilt(synth_cohort, tmp_path, monkeypatch, caplog):
+    import os
+    import signal
+    import threading
+    import time
+
+    from tests.shards import workers
+
+    jobs = read_cohort(synth_cohort)
+    victim = jobs[1].slide_id
+    monkeypatch.setenv("TEST_EXTRACT_PIDS", str(tmp_path))
+    monkeypatch.setenv("TEST_EXTRACT_PAUSE", victim)
+    pid_file = tmp_path / f"{victim}.pid"
+
+    def kill_when_paused() -> None:
+        for _ in range(6000):  # the worker announces itself, then waits to be killed
+            if pid_file.exists() and pid_file.read_text():
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_when_paused)
+    killer.start()
+    with caplog.at_level("WARNING", logger="python_task"):
+        report = extract_cohort(jobs, tmp_path / "out", ExtractParams(), workers=2, progress=False,
+                                _runner=workers.pause_once)
+    killer.join()
+    assert report.ok, report.failed
+    assert sorted(r.slide_id for r in report.results) == sorted(j.slide_id for j in jobs)
+    assert _manifest_ids(tmp_path / "out") == sorted(j.slide_id for j in jobs)
+    assert "killed by SIGKILL" in caplog.text and victim in caplog.text
+    assert not list((tmp_path / "out").glob(".*.tmp"))  # what the dead worker was writing is gone
+
+
+def test_a_slide_that_kills_its_worker_twice_fails_alone(synth_cohort, tmp_path, monkeypatch):
+    from tests.shards import workers
+
+    jobs = read_cohort(synth_cohort)
+    victim = jobs[2].slide_id
+    monkeypatch.setenv("TEST_EXTRACT_DIE", victim)
+    report = extract_cohort(jobs, tmp_path, ExtractParams(), workers=2, progress=False, _runner=workers.die)
+    assert [r.slide_id for r in report.failed] == [victim]
+    assert "died (killed by SIGKILL" in report.failed[0].message and str(jobs[2].slide_path) in report.failed[0].message
+    others = sorted(j.slide_id for j in jobs if j.slide_id != victim)
+    assert sorted(r.slide_id for r in report.results if r.status == "done") == others
+    assert report.manifest is not None and _manifest_ids(tmp_path) == others
+
+
+def test_workers_end_with_the_main_process(synth_cohort, tmp_path):
+    import os
+    import signal
+    import time
+
+    code = ("import sys; from python_task.shards.extract import extract_cohort; "
+            "from python_task.shards.params import ExtractParams; from python_task.wsi.cohort import read_cohort; "
+            "from tests.shards import workers; "
+            "extract_cohort(read_cohort(sys.argv[1]), sys.argv[2], ExtractParams(), workers=2, progress=False, "
+            "_runner=workers.pause_all)")
+    env = {**os.environ, "TEST_EXTRACT_PIDS": str(tmp_path)}
+    main = subprocess.Popen([sys.executable, "-c", code, str(synth_cohort), str(tmp_path / "out")], env=env,
+                            cwd=Path(__file__).resolve().parents[2])
+    try:
+        for _ in range(6000):
+            pids = [p for p in tmp_path.glob("*.pid") if p.read_text()]
+            if len(pids) == 2:
+                break
+            time.sleep(0.05)
+        worker_pids = [int(p.read_text()) for p in pids]
+        assert len(worker_pids) == 2
+    finally:
+        main.kill()
+        main.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        stat = Path(f"/proc/{pid}/stat")
+        return not (stat.exists() and stat.read_text().split()[2] == "Z")  # a zombie has ended
+
+    for _ in range(600):
+        if not any(alive(p) for p in worker_pids):
+            break
+        time.sleep(0.05)
+    leftover = [p for p in worker_pids if alive(p)]
+    for pid in leftover:
+        os.kill(pid, signal.SIGKILL)
+    assert not leftover, "workers outlived their main process"
+
+
+def test_a_damaged_or_truncated_shard_is_redone(synth_cohort, tmp_path):
+    jobs = read_cohort(synth_cohort)[:3]
+    extract_cohort(jobs, tmp_path, ExtractParams(), progress=False)
+    truncated, flipped = tmp_path / f"{jobs[0].slide_id}.h5", tmp_path / f"{jobs[1].slide_id}.h5"
+    with open(truncated, "r+b") as fh:
+        fh.truncate(truncated.stat().st_size // 3)
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0x10  # inside the tiles' JPEG bytes
+    flipped.write_bytes(bytes(data))
+    report = extract_cohort(jobs, tmp_path, ExtractParams(), progress=False)
+    status = {r.slide_id: r.status for r in report.results}
+    assert status == {jobs[0].slide_id: "done", jobs[1].slide_id: "done", jobs[2].slide_id: "skipped"}
+    assert "damaged" in next(r.message for r in report.results if r.slide_id == jobs[0].slide_id)
+    assert _manifest_ids(tmp_path) == sorted(j.slide_id for j in jobs)
+    from python_task.shards.verify import verify_shards
+
+    assert verify_shards(tmp_path, progress=False).ok
+
+
+def test_a_full_disk_is_blamed_on_the_shard_not_the_slide(synth_cohort, tmp_path, monkeypatch):
+    import errno
+
+    from python_task.shards import format as shard_format
+    from python_task.shards.extract import write_cause
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shard_format.ShardWriter, "append", full)
+    job = read_cohort(synth_cohort)[0]
+    report = extract_cohort([job, read_cohort(synth_cohort)[1]], tmp_path, ExtractParams(), progress=False)
+    message = report.failed[0].message
+    assert message.startswith(str(tmp_path / f"{job.slide_id}.h5")) and "no space left on device" in message
+    assert str(job.slide_path) not in message
+    assert not list(tmp_path.glob(".*.tmp"))
+    hdf5 = OSError("Can't write data (file write failed: time = x, filename = 'a.h5', file descriptor = 5, "
+                   "errno = 28, error message = 'No space left on device', buf = 0x1)")
+    assert write_cause(hdf5) == "no space left on device (errno 28)"
+
+
+# --------------------------------------------------------------------------------------------- one writer per folder
+
+def test_a_second_run_on_a_folder_in_use_is_refused(synth_cohort, tmp_path):
+    import os
+
+    from python_task.errors import BusyError
+    from python_task.fileio import folder_lock
+
+    jobs = read_cohort(synth_cohort)[:1]
+    with folder_lock(tmp_path, "another extract"):
+        with pytest.raises(BusyError, match=f"in use by another run \\(another extract, pid {os.getpid()}"):
+            extract_cohort(jobs, tmp_path, ExtractParams(), progress=False)
+    assert not list(tmp_path.glob("*.h5"))
+    extract_cohort(jobs, tmp_path, ExtractParams(), progress=False)  # released: the folder is free again
+    assert not (tmp_path / ".python_task.lock").exists()
+
+
+def test_other_settings_need_overwrite_and_never_mix_in_the_manifest(synth_cohort, tmp_path, caplog):
+    jobs = read_cohort(synth_cohort)[:2]
+    extract_cohort(jobs, tmp_path, ExtractParams(), progress=False)
+    strict = ExtractParams(min_coverage=0.9)
+    with pytest.raises(TaskError, match=r"extract.json: .*other settings \(`min_coverage` 0.5 there, 0.9 now\)"):
+        extract_cohort(jobs[:1], tmp_path, strict, progress=False)
+    with caplog.at_level("WARNING", logger="python_task"):
+        report = extract_cohort(jobs[:1], tmp_path, strict, overwrite=True, progress=False)
+    assert json.loads((tmp_path / "extract.json").read_text())["params"]["min_coverage"] == 0.9
+    assert _manifest_ids(tmp_path) == [jobs[0].slide_id]  # the other slide's shard, made at 0.5, is left out
+    assert len(report.left_out) == 1 and jobs[1].slide_id in report.left_out[0] and "left out" in caplog.text
+    single = ExtractParams(min_coverage=0.9, slide_mpp=0.5)  # a per-slide setting may differ between slides
+    extract_cohort(jobs[1:2], tmp_path, single, overwrite=True, progress=False)
+    assert _manifest_ids(tmp_path) == sorted(j.slide_id for j in jobs)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -73,7 +75,8 @@ def test_killed_run_resumes_after_its_last_epoch(learn_data, tmp_path, monkeypat
             raise SystemExit("killed at wall time")
 
     monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
-    cfg = _cfg(learn_data, tmp_path / "run", epochs=3)
+    # dropout and augmentation layers in the model: their seed generators must continue, not restart
+    cfg = _cfg(learn_data, tmp_path / "run", epochs=3, augment="flip,rot90,elastic", augment_on="model")
     with pytest.raises(SystemExit):
         train(cfg)
     assert not (tmp_path / "run" / "metrics.json").exists()
@@ -81,10 +84,19 @@ def test_killed_run_resumes_after_its_last_epoch(learn_data, tmp_path, monkeypat
     assert state["epoch"] == 1
     metrics = train(cfg)
     assert calls["n"] == 3  # epochs 2 and 3 only: epoch 1 was not run again
-    with open(tmp_path / "run" / "history.csv") as fh:
-        assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [1, 2, 3]
     assert metrics["epochs_run"] == 3
     assert train(cfg) == metrics  # finished: nothing is retrained
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    uninterrupted = dataclasses.replace(cfg, out=tmp_path / "whole")
+    train(uninterrupted)
+
+    def history(folder):
+        with open(folder / "history.csv") as fh:
+            return [(int(r["epoch"]), float(r["loss"]), float(r["val_loss"])) for r in csv.DictReader(fh)]
+
+    assert [e for e, _, _ in history(tmp_path / "run")] == [1, 2, 3]
+    assert history(tmp_path / "run") == history(tmp_path / "whole")  # bit for bit: losses equal, not close
 
 
 def test_nan_loss_stops_with_a_clear_error(learn_data, tmp_path, monkeypatch):
@@ -109,8 +121,10 @@ def test_other_settings_in_a_finished_folder_are_refused(learn_data, tmp_path):
 
 
 def _cli(*args) -> subprocess.CompletedProcess:
+    # without the test session's TF_CPP_MIN_LOG_LEVEL: the command line must keep TensorFlow's C++ log quiet itself
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     return subprocess.run([sys.executable, "-m", "python_task", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env=env)
 
 
 def test_cli_errors_are_one_line(learn_data, tmp_path):
@@ -122,6 +136,7 @@ def test_cli_errors_are_one_line(learn_data, tmp_path):
         proc = _cli(*base, *extra)
         errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
         assert proc.returncode == 1 and len(errors) == 1 and needle in errors[0], proc.stderr
+        assert proc.stderr.strip().splitlines() == errors  # no absl, cpu_feature_guard or other library lines
     assert not (tmp_path / "o" / "metrics.json").exists()
 
 
@@ -150,3 +165,27 @@ def test_checkpoint_state_is_strict_json_and_reads_back(tmp_path):
     back = read_state(tmp_path)
     assert back.best_auc == -math.inf and back.epoch == 1 and back.history[0]["loss"] == 0.5
     assert math.isnan(back.history[0]["val_auc"])
+
+
+def test_a_damaged_tile_met_during_training_is_named(learn_data, tmp_path):
+    """The reader threads' ShardError reaches the user as itself, not as the backend's wrapper (UnknownError)."""
+    import shutil
+
+    import h5py
+
+    from python_task.data.splits import load_fold
+    from python_task.errors import ShardError
+
+    shards, splits = learn_data
+    copy = shutil.copytree(shards, tmp_path / "shards")
+    victim = copy / f"{load_fold(splits, shards, 0).train_slides[0]}.h5"
+    with h5py.File(victim, "r+") as f:  # every tile's bytes changed, their recorded CRC-32 not
+        images = f["images"]
+        for i in range(images.shape[0]):
+            blob = images[i].copy()
+            blob[len(blob) // 2] ^= 0x01
+            images[i] = blob
+    with pytest.raises(ShardError, match="dataset images, tile .*: fails its CRC-32") as err:
+        train(_cfg((copy, splits), tmp_path / "run"))
+    assert err.value.path == str(victim)
+    assert not (tmp_path / "run" / "metrics.json").exists()

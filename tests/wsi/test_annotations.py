@@ -448,3 +448,64 @@ def test_translate_and_scale_keep_everything_else() -> None:
     (scaled,) = scale_regions([region], 0.5)
     assert scaled.geometry.bounds == (0, 0, 5, 5)
     assert region.geometry.bounds == (0, 0, 10, 10)  # frozen input untouched
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Bounded work on pathological polygons
+
+
+def _outline(n: int, *, jitter: float = 0.0, loops: int = 0, seed: int = 0) -> list[list[float]]:
+    """A closed outline of ``n`` vertices around (5000, 5000): smooth, with ``loops`` short stretches run backwards
+    (the brush crossing itself), or with angular ``jitter`` (a jagged outline crossing itself everywhere)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    r = 3000 + 200 * np.sin(7 * t)
+    if jitter:
+        t = t + rng.normal(0, jitter, n)
+        r = r + rng.normal(0, 150, n)
+    xy = np.c_[5000 + r * np.cos(t), 5000 + r * np.sin(t)]
+    for k in range(loops):
+        s = (k + 1) * n // (loops + 1)
+        xy[s:s + n // 500] = xy[s:s + n // 500][::-1]
+    return [*xy.round(3).tolist(), xy[0].round(3).tolist()]
+
+
+def test_the_common_self_intersection_is_repaired_to_the_outlined_area(tmp_path: Path) -> None:
+    ring = _outline(20_000, loops=3)
+    assert not Polygon(ring).is_valid
+    doc = [_feature({"type": "Polygon", "coordinates": [ring]}, classification={"name": "CCA"})]
+    (region,) = read_annotations(_write(tmp_path, "loops.json", json.dumps(doc)))
+    smooth = Polygon(_outline(20_000))
+    assert region.geometry.is_valid
+    assert abs(region.geometry.area - smooth.area) < 0.001 * smooth.area  # the outline's area, loops and all
+    # an outline that runs over itself: the area covered twice is inside (structure), not cut out (linework: 44)
+    overlap = [[0, 0], [6, 0], [6, 6], [2, 6], [2, 2], [8, 2], [8, 8], [0, 8], [0, 0]]
+    doc = [_feature({"type": "Polygon", "coordinates": [overlap]}, classification={"name": "CCA"})]
+    (region,) = read_annotations(_write(tmp_path, "overlap.json", json.dumps(doc)))
+    assert region.geometry.area == 60 and len(region.geometry.interiors) == 0
+
+
+def test_too_many_vertices_name_the_file_and_the_region(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("PYTHON_TASK_MAX_VERTICES", "1000")
+    doc = [_feature({"type": "Polygon", "coordinates": [_square(0, 0, 10)]}, classification={"name": "CCA"}),
+           _feature({"type": "Polygon", "coordinates": [_outline(5000)]}, classification={"name": "CCA"})]
+    path = _write(tmp_path, "big.json", json.dumps(doc))
+    with pytest.raises(TaskError, match=r"feature 1: 5,001 vertices, more than the 1,000") as err:
+        read_annotations(path)
+    _assert_one_line_error(err, path)
+
+
+def test_a_repair_past_its_time_budget_names_the_file_and_the_region(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("PYTHON_TASK_REPAIR_SECONDS", "0.01")
+    jagged = _outline(20_000, jitter=0.02)  # takes GEOS many seconds to repair
+    doc = [_feature({"type": "Polygon", "coordinates": [jagged]}, classification={"name": "CCA"})]
+    path = _write(tmp_path, "jagged.json", json.dumps(doc))
+    with pytest.raises(TaskError, match=r"feature 0: repairing this self-intersecting polygon \(20,001 vertices\) "
+                                        r"took more than 0.01 s") as err:
+        read_annotations(path)
+    _assert_one_line_error(err, path)
+    bow_tie = [[0, 0], [10, 10], [10, 0], [0, 10], [0, 0]]  # GEOS is not left interrupted for the next repair
+    doc = [_feature({"type": "Polygon", "coordinates": [bow_tie]}, classification={"name": "CCA"})]
+    assert read_annotations(_write(tmp_path, "bowtie.json", json.dumps(doc)))[0].geometry.area == 50
