@@ -15,7 +15,20 @@ PREPROCESSING_MODES: dict[str, str] = {
     "caffe": "RGB -> BGR, minus the ImageNet mean (0-255 scale)",
     "torch": "(x / 255 - ImageNet mean) / ImageNet std",
     "raw": "x unchanged (the backbone rescales by itself)",
+    "tile": "per tile and channel: (x / 255 - tile mean) / (tile std + 0.02); removes each slide's stain offset "
+            "and contrast",
 }
+# Input scaling a run may ask for (``TrainConfig.input_scaling``): ``tile`` (the mode above), ``architecture``
+# (the entry's own ``preprocessing``, what pretrained weights expect), ``auto`` (architecture with pretrained
+# weights, else tile).
+INPUT_SCALINGS = ("auto", "tile", "architecture")
+
+
+def resolve_input_scaling(arch: str, input_scaling: str, pretrained: bool) -> str:
+    """The preprocessing mode a model gets: see :data:`INPUT_SCALINGS`."""
+    if input_scaling == "tile" or (input_scaling == "auto" and not pretrained):
+        return "tile"
+    return ARCHITECTURES[arch].preprocessing
 
 
 @dataclass(frozen=True)

@@ -87,9 +87,9 @@ def test_every_patient_in_one_validation_fold_and_slides_follow_patients(shards)
     for f in splits["folds"]:
         assert f["val_patients"] and f["val_slides"]
         assert not set(f["train_patients"]) & set(f["val_patients"])
-        assert set(f["train_patients"]) | set(f["val_patients"]) == patients
+        assert set(f["train_patients"]) | set(f["tune_patients"]) | set(f["val_patients"]) == patients
         assert not set(f["train_slides"]) & set(f["val_slides"])
-        assert set(f["train_slides"]) | set(f["val_slides"]) == set(slide_patient)
+        assert set(f["train_slides"]) | set(f["tune_slides"]) | set(f["val_slides"]) == set(slide_patient)
         assert {slide_patient[s] for s in f["val_slides"]} == set(f["val_patients"])
         assert {slide_patient[s] for s in f["train_slides"]} == set(f["train_patients"])
         for key in ("val_patients", "val_slides", "train_patients", "train_slides"):
@@ -121,10 +121,10 @@ def test_tile_counts_per_side(shards):
     assert splits["label_names"] == ["benign", "malignant"]
     total = {c: sum(r[f"n_{c}"] for r in rows.values()) for c in ("benign", "malignant")}
     for f in splits["folds"]:
-        for side in ("train", "val"):
+        for side in ("train", "tune", "val"):
             expected = {c: sum(rows[s][f"n_{c}"] for s in f[f"{side}_slides"]) for c in ("benign", "malignant")}
             assert f["tile_counts"][side] == expected
-        assert {c: f["tile_counts"]["train"][c] + f["tile_counts"]["val"][c] for c in total} == total
+        assert {c: sum(f["tile_counts"][side][c] for side in ("train", "tune", "val")) for c in total} == total
         assert f["tile_counts"]["val"]["malignant"] > 0  # stratified: malignant tiles in every validation set
 
 
