@@ -233,3 +233,35 @@ def evaluation_metrics(y_true, prob, slide_ids: Sequence[str], patient_ids: Sequ
                val_slide_accuracy=group_accuracy(y_true, prob, slide_ids, t),
                val_patient_accuracy=group_accuracy(y_true, prob, patient_ids, t), threshold=t)
     return {k: float(v) for k, v in out.items()}
+
+
+BOOTSTRAP_REPLICATES = 2000
+
+
+def bootstrap_interval(y_true, prob, patient_ids, statistic: str = "patient_auc", *, confidence: float = 0.95,
+                       replicates: int = BOOTSTRAP_REPLICATES, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval over patients of ``statistic`` (``patient_auc``: AUC of the patients' mean
+    tile probability; ``tile_auc``: AUC over the resampled patients' tiles). Patients are resampled with
+    replacement within each class (a patient's class: malignant when any of its tiles is), so every replicate has
+    both; the interval lies inside [0, 1] by construction. NaN, NaN without a patient of each class."""
+    y, p = _arrays(y_true, prob)
+    g = np.asarray(patient_ids).reshape(-1)
+    ids, scores, labels = aggregate(p, y, g, "mean")
+    if len(ids) == 0 or len(np.unique(labels)) < 2 or not np.isfinite(scores).all():
+        return NAN, NAN
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    members = [np.flatnonzero(g == pid) for pid in ids] if statistic == "tile_auc" else []
+    values = np.empty(replicates)
+    for b in range(replicates):
+        pick = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
+        if statistic == "patient_auc":
+            values[b] = auc(labels[pick], scores[pick])
+        else:
+            rows = np.concatenate([members[i] for i in pick])
+            values[b] = auc(y[rows], p[rows])
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return NAN, NAN
+    tail = (1 - confidence) / 2 * 100
+    return float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))
