@@ -33,6 +33,10 @@ this process, one after the other. Four sections:
   AUC above the baseline's.
 
 ``--quick`` (tests): one small cohort per section, 1 epoch on at most 128 tiles, ``simple_cnn`` only.
+
+Ablations (the README's table): ``--set KEY=VALUE`` (repeatable) changes a ``train`` option for every run,
+e.g. ``--set augment=none`` or ``--set input_scaling=architecture``; ``--tune-fraction 0`` makes splits without
+tuning sets (every fold under the fixed rule). The targets are then reported for that variant.
 """
 
 from __future__ import annotations
@@ -73,6 +77,9 @@ def log(msg: str) -> None:
 
 # --------------------------------------------------------------------------------------------- cohorts
 
+TUNE_FRACTION: list[float] = []  # --tune-fraction, when given
+
+
 def make_cohort(work: Path, patients: int, seed: int, folds: int, *, swap: bool = False) -> tuple[Path, Path, dict]:
     """Synthetic cohort -> shards -> splits; with ``swap`` half the patients of each diagnosis get every class
     swapped and their diagnosis flipped (labels that do not follow structure)."""
@@ -91,7 +98,8 @@ def make_cohort(work: Path, patients: int, seed: int, folds: int, *, swap: bool 
                             workers=1, progress=False)
     if not report.ok:
         raise RuntimeError(f"extract failed: {[r.message for r in report.failed]}")
-    splits = make_splits(root / "shards", folds, seed=0)
+    splits = make_splits(root / "shards", folds, seed=0, **({"tune_fraction": TUNE_FRACTION[0]} if TUNE_FRACTION
+                                                           else {}))
     write_splits(splits, root / "splits.json")
     info = {"patients": patients, "seed": seed, "folds": folds, "tiles": report.n_tiles, "swapped": swapped,
             "seconds": time.perf_counter() - t0,
@@ -263,6 +271,9 @@ def main() -> int:
     ap.add_argument("--arch-epochs", type=int, default=3, help="epochs of the keras.applications networks (3)")
     ap.add_argument("--arch-max-train-tiles", type=int, default=512,
                     help="training tiles of the keras.applications networks (512)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a train option for every run (an ablation), e.g. augment=none; repeatable")
+    ap.add_argument("--tune-fraction", type=float, help="split's tuning fraction (default: split's own, 0.25)")
     ap.add_argument("--out", type=Path, default=Path("bench_out"), help="where the JSON report goes")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     ap.add_argument("--quick", action="store_true", help="small and fast (tests): one small cohort per section, "
@@ -277,12 +288,21 @@ def main() -> int:
     control_seeds = [int(s) for s in args.control_seeds.split(",")]
     archs = architecture_names() if args.archs == "all" else [a.strip() for a in args.archs.split(",")]
     overrides: dict = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        from python_task.training.config import train_options
+
+        option = train_options()[key.strip()]
+        overrides[option.field] = option.kind(value) if option.kind is not bool else value.lower() == "true"
+    if args.tune_fraction is not None:
+        TUNE_FRACTION.append(args.tune_fraction)
     if args.quick:
         seeds, small_seeds, control_seeds, archs = seeds[:1], small_seeds[:1], control_seeds[:1], ["simple_cnn"]
-        overrides = {"epochs": 1, "max_train_tiles": 128, "max_val_tiles": 128}
+        overrides.update(epochs=1, max_train_tiles=128, max_val_tiles=128)
 
     t_start = time.perf_counter()
     report: dict = {"quick": args.quick, "sections": sections, "defaults": "TrainConfig defaults",
+                    "tune_fraction": args.tune_fraction,
                     "cohort_recipe": {"slide_size": SLIDE_SIZE, "stain_variation": 1.0, "tile_size": TILE_SIZE,
                                       "mpp": MPP, "split_seed": 0}, "overrides": overrides,
                     "loadavg_start": list(os.getloadavg())}
