@@ -45,12 +45,12 @@ class DemoConfig:
     folds: int = 3
     archs: tuple[str, ...] = ("simple_cnn", "unet_encoder")
     stains: tuple[str, ...] = ("none", "macenko")
-    epochs: int = 4
+    epochs: int = 3
     input_size: int = 64
     tile_size: int = 64
     mpp: float = 1.0
     base_filters: int = 8
-    jobs: int = 1
+    jobs: int = 2
 
 
 def demo_plan(cfg: DemoConfig) -> dict:
@@ -136,10 +136,12 @@ def best_configuration(results_csv: Path) -> list[dict]:
 
 
 def heatmap_choice(results_csv: Path, cohort_csv: Path, splits: Path) -> tuple[dict, list[SlideJob]] | None:
-    """A point of the best configuration and two slides of its held-out patients: one malignant (one that also
-    has a benign region when there is one) and one benign; the first fold that has both."""
+    """A point of the best configuration and two slides of its held-out patients, one malignant and one benign:
+    the first fold whose held-out malignant slides include one with a benign region too (so the heat-map shows
+    both classes on one slide), else the first fold with both diagnoses."""
     jobs = read_cohort(cohort_csv)
     folds = {f["fold"]: f for f in json.loads(splits.read_text())["folds"]}
+    choices = []
     for point in best_configuration(results_csv):
         held_out = set(folds[int(point["fold"])]["val_patients"])
         mine = [j for j in jobs if j.patient_id in held_out]
@@ -147,8 +149,11 @@ def heatmap_choice(results_csv: Path, cohort_csv: Path, splits: Path) -> tuple[d
                            key=lambda j: (not _has_benign_region(j), j.slide_id))
         benign = [j for j in mine if j.diagnosis == "benign"]
         if malignant and benign:
-            return point, [malignant[0], benign[0]]
-    return None
+            choices.append((not _has_benign_region(malignant[0]), len(choices), point, [malignant[0], benign[0]]))
+    if not choices:
+        return None
+    _, _, point, picked = min(choices, key=lambda c: (c[0], c[1]))
+    return point, picked
 
 
 def _has_benign_region(job: SlideJob) -> bool:

@@ -765,6 +765,16 @@ def _img(name: str, alt: str, caption: str) -> str:
             f"<figcaption>{_e(caption)}</figcaption></figure>")
 
 
+PATIENTS_BEHIND = "validation patients behind it (M malignant + B benign)"
+SLIDES_BEHIND = "validation slides behind it"
+
+
+def chance_of_perfect(pos: int, neg: int) -> int:
+    """1 / the probability that a model ranking ``pos`` malignant and ``neg`` benign patients at random reaches an
+    AUC of 1: C(pos + neg, pos)."""
+    return math.comb(pos + neg, pos)
+
+
 def _behind(an: Analysis, config: tuple[Any, ...], level: str) -> str:
     """How many validation patients (``level`` patients) or slides of each class lie behind a configuration's
     patient- or slide-level figures: summed over its completed folds, and the fewest of one fold."""
@@ -783,6 +793,23 @@ def _behind(an: Analysis, config: tuple[Any, ...], level: str) -> str:
     return f"{total} ({len(counts)} folds; fewest {few[0]:.0f} M + {few[1]:.0f} B)"
 
 
+def _chance_note(an: Analysis) -> str:
+    """What a perfect patient AUC on so few patients is worth: how often a useless model reaches it."""
+    if "n_val_patients_pos" not in an.metrics or "n_val_patients_neg" not in an.metrics:
+        return ""
+    counts = {(int(p.metrics["n_val_patients_pos"]), int(p.metrics["n_val_patients_neg"])) for p in an.points
+              if not p.failed and math.isfinite(p.metrics["n_val_patients_pos"])
+              and math.isfinite(p.metrics["n_val_patients_neg"]) and min(p.metrics["n_val_patients_pos"],
+                                                                         p.metrics["n_val_patients_neg"]) >= 1}
+    if not counts:
+        return ""
+    pos, neg = min(counts, key=lambda c: chance_of_perfect(*c))
+    return (f'<p class="note" id="chance">A fold\'s patient AUC rests on its few validation patients: with {pos} '
+            f"malignant and {neg} benign patients a model that ranks patients at random still scores a patient AUC "
+            f"of 1.000 once in {chance_of_perfect(pos, neg)} folds (1 / C({pos + neg}, {pos})). Read the tile AUC "
+            "beside it, and the pooled patient AUC of the best configuration below.</p>")
+
+
 def _few_patients(an: Analysis) -> list[Point]:
     """Completed points whose validation fold has fewer than 2 patients of a class."""
     if "n_val_patients_pos" not in an.metrics or "n_val_patients_neg" not in an.metrics:
@@ -794,11 +821,11 @@ def _few_patients(an: Analysis) -> list[Point]:
 def _ranking_html(an: Analysis, shown: Sequence[str]) -> str:
     m = an.metric
     header = ["rank", *shown, "folds completed", "failed points", f"{m} mean ± std",
-              f"{m} 95% CI (t, clipped to the range)"]
+              f"{m} 95% CI (t, clipped to the range)", PATIENTS_BEHIND]
     extra = [t for t in TABLE_METRICS if t in an.metrics and t != m]
     header += [f"{t} (mean)" for t in extra]
-    header += ["validation patients behind the patient AUC (M = malignant, B = benign)",
-               "validation slides behind the slide AUC"]
+    header.insert(header.index("val_slide_auc (mean)") + 1 if "val_slide_auc (mean)" in header else len(header),
+                  SLIDES_BEHIND)
     rows, classes = [], []
     for r in an.summary:
         mean, std = r[f"{m}_mean"], r[f"{m}_std"]
@@ -806,10 +833,15 @@ def _ranking_html(an: Analysis, shown: Sequence[str]) -> str:
         ci = "n/a" if math.isnan(r[f"{m}_ci_low"]) else \
             f"[{_fmt_metric(r[f'{m}_ci_low'], m)}, {_fmt_metric(r[f'{m}_ci_high'], m)}]"
         cells = [(str(r["rank"]), "num")] + [(_display(r[f]), "") for f in shown]
-        cells += [(f"{r['n_folds_completed']}", "num"), (str(r["n_failed"]), "num"), (ms, "num"), (ci, "num")]
-        cells += [(_fmt_metric(r[f"{t}_mean"], t), "num") for t in extra]
         config = tuple(r[f] for f in an.config_factors)
-        cells += [(_behind(an, config, "patients"), ""), (_behind(an, config, "slides"), "")]
+        cells += [(f"{r['n_folds_completed']}", "num"), (str(r["n_failed"]), "num"), (ms, "num"), (ci, "num"),
+                  (_behind(an, config, "patients"), "")]
+        for t in extra:
+            cells.append((_fmt_metric(r[f"{t}_mean"], t), "num"))
+            if t == "val_slide_auc":
+                cells.append((_behind(an, config, "slides"), ""))
+        if "val_slide_auc" not in extra:
+            cells.append((_behind(an, config, "slides"), ""))
         rows.append(cells)
         classes.append("best" if r["rank"] == 1 and r["n_completed"] else "allfailed" if not r["n_completed"] else "")
     return _table("ranking", header, rows, classes)
@@ -907,6 +939,7 @@ def make_report(results_csv: str | os.PathLike[str], out_dir: str | os.PathLike[
 
     body.append("<h2>Ranking</h2>")
     body.append(_ranking_html(an, shown))
+    body.append(_chance_note(an))
     body.append("<h2>Failed points and missing metrics</h2>")
     body.append(_failed_html(an, shown))
     body.append(_nan_html(an, shown))
@@ -942,7 +975,9 @@ def make_report(results_csv: str | os.PathLike[str], out_dir: str | os.PathLike[
             body.append(f'<p id="pooled">Patient AUC of the best configuration with every fold\'s validation '
                         f"patients pooled (each scored by its fold's model): {pooled['auc']:.3f}, 95% bootstrap "
                         f"interval over patients [{pooled['ci_low']:.3f}, {pooled['ci_high']:.3f}], from "
-                        f"{pooled['pos']} malignant and {pooled['neg']} benign patients.</p>")
+                        f"{pooled['pos']} malignant and {pooled['neg']} benign patients (a random ranking of that "
+                        f"many patients scores 1.000 once in {chance_of_perfect(pooled['pos'], pooled['neg']):,}; "
+                        "the interval cannot show the uncertainty of a perfect separation).</p>")
         if roc_path is None:
             body.append('<p class="warn" id="no-roc">No validation predictions (predictions.csv) found for the '
                         "best configuration: no ROC curve.</p>")

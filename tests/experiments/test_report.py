@@ -487,11 +487,14 @@ def test_report_shows_the_patients_behind_each_figure_few_patient_folds_and_the_
     parsed_path = make_report(_write(tmp_path / "r.csv", _honest_rows()), tmp_path / "out")
     parsed = _parse(parsed_path)
     header, body = parsed.tables["ranking"][0], parsed.tables["ranking"][1:]
-    behind = header.index("validation patients behind the patient AUC (M = malignant, B = benign)")
+    behind = header.index("validation patients behind it (M malignant + B benign)")
+    assert behind == header.index("val_patient_auc 95% CI (t, clipped to the range)") + 1
     assert body[0][behind] == "6 M + 6 B (3 folds; fewest 2 M + 2 B)"
     assert body[1][behind] == "6 M + 5 B (3 folds; fewest 2 M + 1 B)"
-    assert body[0][header.index("validation slides behind the slide AUC")].startswith("9 M + 6 B")
+    slides = header.index("validation slides behind it")
+    assert slides == header.index("val_slide_auc (mean)") + 1 and body[0][slides].startswith("9 M + 6 B")
     text = parsed_path.read_text()
+    assert "once in 3 folds (1 / C(3, 2))" in text  # the fold with 2 malignant + 1 benign patients
     warn = text[text.index('id="few-patients"'):]
     assert "fewer than 2 patients of a class" in warn[:400] and "fold=2" in warn[:400]
     optimism = text[text.index('id="optimism"'):]
