@@ -65,10 +65,11 @@ class TrainConfig:
     unfreeze_at: int = setting(0, help="epoch at which a frozen backbone is fine-tuned, 0 = never")
     input_size: int | None = setting(None, help="resize tiles to this size inside the model (default: tile size)")
     input_scaling: str = setting("auto", choices=INPUT_SCALINGS,
-                                 help="input scaling inside the model: tile = each tile standardised per channel "
-                                      "(removes the slide's stain offset and contrast); architecture = the "
+                                 help="input scaling inside the model: grey = each tile to grey and standardised "
+                                      "(the slide's stain, hue, intensity and contrast, cannot be a shortcut); "
+                                      "tile = each tile standardised per channel (keeps hue); architecture = the "
                                       "backbone's own (ImageNet) scaling; auto = architecture for a "
-                                      "keras.applications backbone given `weights`, else tile")
+                                      "keras.applications backbone given `weights`, else grey")
     balance: str = setting("none", help="class balancing of training batches", choices=BALANCE_MODES)
     class_weights: bool = setting(False, help="weight the loss by inverse class frequency")
     patience: int = setting(5, help="early-stopping patience in epochs, 0 = off", check=_NOT_NEGATIVE)

@@ -46,7 +46,8 @@ PREPROCESS = "preprocess"
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 _TORCH_MEAN = (0.485, 0.456, 0.406)
 _TORCH_STD = (0.229, 0.224, 0.225)
-TILE_STD_FLOOR = 0.02  # "tile" scaling: added to the tile's standard deviation (unit scale): blank glass stays finite
+TILE_STD_FLOOR = 0.02  # "tile"/"grey" scaling: added to the tile's standard deviation (unit scale): blank glass stays
+# finite
 # Keras' default BatchNormalization momentum, 0.99, left the moving variance of simple_cnn's first layer 7-40x too
 # large after 8 epochs of 8-12 synthetic patients (a few hundred steps), so every evaluation ran with wrong
 # statistics; 0.9 tracks them within 2 % (README, "Defaults that learn the lesion").
@@ -72,11 +73,14 @@ class InputNormalization(keras.layers.Layer):
         x = ops.cast(inputs, self.compute_dtype)
         if self.mode == "unit":
             return x / 255.0
-        if self.mode == "tile":  # stain-invariant to first order: each tile's colour offset and contrast removed
+        if self.mode in ("tile", "grey"):  # each tile's colour offset and contrast removed (grey: its hue too)
             x = x / 255.0
+            if self.mode == "grey":
+                x = ops.mean(x, axis=-1, keepdims=True)
             mean = ops.mean(x, axis=(1, 2), keepdims=True)
             std = ops.std(x, axis=(1, 2), keepdims=True)
-            return (x - mean) / (std + TILE_STD_FLOOR)
+            x = (x - mean) / (std + TILE_STD_FLOOR)
+            return ops.concatenate([x, x, x], axis=-1) if self.mode == "grey" else x
         if self.mode == "symmetric":
             return x / 127.5 - 1.0
         if self.mode == "caffe":

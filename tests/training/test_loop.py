@@ -41,7 +41,7 @@ def test_outputs_follow_the_contract(learn_data, tmp_path):
     assert saved["n_val_patients"] == saved["n_val_patients_pos"] + saved["n_val_patients_neg"] > 0
     config = json.loads((out / "config.json").read_text())
     assert config["arch"] == "simple_cnn" and config["resolved"]["tile_size"] == 64
-    assert config["resolved"]["input_scaling"] == "tile"
+    assert config["resolved"]["input_scaling"] == "grey"
     assert {"keras", "numpy", "backend"} <= set(config["versions"]) and config["resolved"]["manifest_digest"]
     with open(out / "predictions.csv", newline="") as fh:
         preds = list(csv.DictReader(fh))
