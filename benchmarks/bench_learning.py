@@ -1,42 +1,55 @@
-"""Benchmark what the CNNs learn: patient-level AUC over a full K-fold split, beside a colour-histogram baseline.
+"""Does ``train`` with its defaults learn the lesion on patients it has never seen, and are its numbers honest?
 
-    python benchmarks/bench_learning.py [--patients 15] [--folds 3] [--archs simple_cnn,unet_encoder,mobilenet_v2]
-                                        [--stain-compare] [--out bench_out] [--quick]
+    python benchmarks/bench_learning.py [--sections cohorts,small,control,archs] [--seeds 301,302,303,304,305]
+                                        [--small-seeds 401,...] [--control-seeds 501,...] [--archs all]
+                                        [--arch-epochs 3] [--arch-max-train-tiles 512] [--out bench_out] [--quick]
 
-Generates a synthetic cohort with strong per-slide stain variation (``stain_variation`` 2.0), cuts it into tiles
-of 128 px at 1.0 µm/px, makes a patient-level K-fold split (``make_splits``) and, for every architecture and fold,
-runs ``train`` (input resized to 64 px inside the model, lr 2e-3, batch 32, no augmentation and no stain
-normalisation by default: the fastest setting that reaches the target here; ``--stain-compare`` measures the
-other three: mean patient AUC 0.83-0.89 here, a fold now and then stalling at its first epoch), early stopping with
-patience 8 and the best epoch chosen on validation AUC, as ``train`` does; the validation AUC of the first epochs is
-meaningless while the batch-norm moving statistics settle, hence the long patience). ``simple_cnn`` trains for
-up to 15 epochs on all training tiles; the other architectures, which train at a few dozen tiles/s on 2 CPU cores,
-get ``--heavy-epochs`` (3) on ``--heavy-max-train-tiles`` (512) so that the default run stays near 10 minutes:
-they are under-trained there, raise both for a fair comparison. The patient-level AUC (mean tile probability per
-patient, as ``train``'s ``val_patient_auc``) is averaged over the folds; the AUC with each patient scored by the
-mean of its top 10 % tiles is reported beside it (malignant patients also have benign regions, which dilute the
-mean).
+Every cohort is drawn fresh with ``SynthConfig(patients=P, seed=S, slide_size=2048)`` (default stain variation
+1.0; none of these seeds is used by a test), cut into 64-px tiles at 1 µm/px (``ExtractParams(tile_size=64,
+mpp=1.0)``) and split with ``make_splits(shards, K, seed=0)`` (its default tuning fraction: one tuning patient of
+each diagnosis per fold when the fold's training patients can spare them, else the fixed rule). Each ``train``
+runs with the package's defaults (``TrainConfig`` with only the data, fold, architecture and output given), in
+this process, one after the other. Four sections:
 
-Baseline, on the same folds: logistic regression on per-tile colour histograms (8 bins per RGB channel, the
-feature of the synthetic cohort's own "colour is not enough" test), trained on the training tiles of the fold,
-patient AUC from the mean tile probability.
+* ``cohorts`` (issue 14's first proof): 12 patients, every fold of 3, ``simple_cnn``: held-out (validation
+  fold) tile AUC of every fold, its patient AUC with the patients behind it (malignant + benign). Targets: median
+  tile AUC >= 0.90, worst fold >= 0.75.
+* ``small``: 8 patients, 2 folds (no tuning set fits: the fixed rule, the last of 10 epochs, threshold 0.5).
+  Target: no fold below 0.70.
+* ``control``: the honesty control. 12-patient cohorts whose labels no longer follow structure: for a seeded
+  half of the patients of each diagnosis, the diagnosis is flipped and every region of the patient's slides
+  takes the other diagnosis' class (a malignant patient's regions all become Biliary adenoma, a benign one's
+  Cholangiocarcinoma), before extraction. Every fold is
+  trained twice from the same start: as ``train`` does (selection on the tuning set) and with selection on the
+  held-out fold, as ``train`` did before issue 14 (the benchmark hands ``train`` the held-out fold as its tuning
+  set: epoch, early stopping and threshold chosen on the fold then reported). Target: the 95 % t-interval of the
+  mean reported tile AUC (tuning-set selection) contains 0.5; the difference of the two means is the bias the
+  tuning set removes.
+* ``archs``: every registered architecture on the first ``--seeds`` cohort, every fold, beside a logistic
+  regression on per-tile colour histograms (8 bins per RGB channel) trained on the same training tiles. Budget:
+  ``simple_cnn`` and ``unet_encoder`` at the defaults (10 epochs, all tiles); the keras.applications networks
+  (from scratch, no pretrained weights) ``--arch-epochs`` (3) epochs on ``--arch-max-train-tiles`` (512)
+  training tiles, input 64 px (75 for inception_v3, its minimum). Target: each architecture's mean held-out tile
+  AUC above the baseline's.
 
-Targets: best CNN mean patient AUC >= 0.95 while the baseline stays < 0.75.
+``--quick`` (tests): one small cohort per section, 1 epoch on at most 128 tiles, ``simple_cnn`` only.
 
-``--stain-compare`` also trains ``simple_cnn`` without / with Macenko normalisation and without / with
-flip,rot90,elastic,hed augmentation (four configurations, same folds) and reports their patient AUC (issue 4).
-
-Note: the best epoch is chosen on the validation fold, which is also the fold the AUC is measured on (as in a
-``train`` run); with few patients per fold the patient AUC moves in steps of 1 / (benign x malignant patients).
+Ablations (the README's table): ``--set KEY=VALUE`` (repeatable) changes a ``train`` option for every run,
+e.g. ``--set augment=none`` or ``--set input_scaling=architecture``; ``--tune-fraction 0`` makes splits without
+tuning sets (every fold under the fixed rule). The targets are then reported for that variant.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import csv
 import json
+import logging
 import math
 import os
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -49,15 +62,27 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import conclude, scratch_folder, write_report  # noqa: E402
 
-COMPARE_AUGMENT = "flip,rot90,elastic,hed"  # the combination of the input benchmark, in the reader threads on a CPU
-COMPARE = (("none", "none"), ("none", "macenko"), (COMPARE_AUGMENT, "none"), (COMPARE_AUGMENT, "macenko"))
+SECTIONS = ("cohorts", "small", "control", "archs")
+TILE_SIZE, MPP, SLIDE_SIZE = 64, 1.0, 2048
+SWAP = {"malignant": "Biliary adenoma", "benign": "Cholangiocarcinoma"}  # a swapped patient's every region
+MIN_SIZE = {"inception_v3": 75}
+
+
+logging.getLogger("tensorflow").setLevel(logging.ERROR)  # Keras' retracing notes, one per model built
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def build_data(work: Path, args) -> tuple[Path, Path, dict]:
+# --------------------------------------------------------------------------------------------- cohorts
+
+TUNE_FRACTION: list[float] = []  # --tune-fraction, when given
+
+
+def make_cohort(work: Path, patients: int, seed: int, folds: int, *, swap: bool = False) -> tuple[Path, Path, dict]:
+    """Synthetic cohort -> shards -> splits; with ``swap`` half the patients of each diagnosis get every class
+    swapped and their diagnosis flipped (labels that do not follow structure)."""
     from python_task.data.splits import make_splits, write_splits
     from python_task.shards.extract import extract_cohort
     from python_task.shards.params import ExtractParams
@@ -65,31 +90,132 @@ def build_data(work: Path, args) -> tuple[Path, Path, dict]:
     from python_task.synth.config import SynthConfig
     from python_task.wsi.cohort import read_cohort
 
+    root = work / f"c{patients}_s{seed}{'_swapped' if swap else ''}"
     t0 = time.perf_counter()
-    cohort = generate_cohort(work / "cohort", SynthConfig(patients=args.patients, seed=args.seed,
-                                                          slide_size=args.slide_size,
-                                                          stain_variation=args.stain_variation))
-    synth_s = time.perf_counter() - t0
-    shards = work / "shards"
-    t0 = time.perf_counter()
-    report = extract_cohort(read_cohort(cohort), shards, ExtractParams(tile_size=args.tile_size, mpp=args.mpp),
-                            workers=2, progress=False)
+    cohort = generate_cohort(root / "cohort", SynthConfig(patients=patients, seed=seed, slide_size=SLIDE_SIZE))
+    swapped = swap_labels(cohort, seed) if swap else []
+    report = extract_cohort(read_cohort(cohort), root / "shards", ExtractParams(tile_size=TILE_SIZE, mpp=MPP),
+                            workers=1, progress=False)
     if not report.ok:
         raise RuntimeError(f"extract failed: {[r.message for r in report.failed]}")
-    extract_s = time.perf_counter() - t0
-    splits = make_splits(shards, args.folds, seed=args.seed)
-    path = work / "splits.json"
-    write_splits(splits, path)
-    return shards, path, {"synth_seconds": synth_s, "extract_seconds": extract_s, "tiles": report.n_tiles}
+    splits = make_splits(root / "shards", folds, seed=0, **({"tune_fraction": TUNE_FRACTION[0]} if TUNE_FRACTION
+                                                           else {}))
+    write_splits(splits, root / "splits.json")
+    info = {"patients": patients, "seed": seed, "folds": folds, "tiles": report.n_tiles, "swapped": swapped,
+            "seconds": time.perf_counter() - t0,
+            "tuning_sets": [f["tune_patients"] for f in splits["folds"]]}
+    return root / "shards", root / "splits.json", info
 
 
-def fold_slides(shards: Path, splits: Path, fold: int) -> tuple[list[str], list[str]]:
-    """Training and validation slide ids of ``fold``, checked as ``train`` checks them."""
-    from python_task.data.splits import load_fold
+def swap_labels(cohort_csv: Path, seed: int) -> list[str]:
+    """Swap the annotation classes and flip the diagnosis of a seeded half of each diagnosis' patients."""
+    with open(cohort_csv, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    diagnosis = {r["patient_id"]: r["diagnosis"] for r in rows}
+    rng = np.random.default_rng([seed, 0x5A4B])
+    chosen: set[str] = set()
+    for d in sorted(set(diagnosis.values())):
+        members = sorted(p for p, x in diagnosis.items() if x == d)
+        chosen |= set(rng.permutation(members)[: len(members) // 2].tolist())
+    for r in rows:
+        if r["patient_id"] not in chosen:
+            continue
+        path = cohort_csv.parent / r["annotation_path"]
+        data = json.loads(path.read_text())
+        for feature in data["features"]:
+            feature["properties"]["classification"]["name"] = SWAP[r["diagnosis"]]
+        path.write_text(json.dumps(data))
+        r["diagnosis"] = "benign" if r["diagnosis"] == "malignant" else "malignant"
+    with open(cohort_csv, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return sorted(chosen)
 
-    f = load_fold(splits, shards, fold)
-    return list(f.train_slides), list(f.val_slides)
 
+# --------------------------------------------------------------------------------------------- training
+
+@contextlib.contextmanager
+def selection_on_held_out():
+    """``train`` as before issue 14: its tuning set replaced by the held-out fold, so the epoch, early stopping and
+    threshold are chosen on the very fold the metrics are then computed on."""
+    import python_task.training.loop as loop
+
+    real = loop.prepare_data
+
+    def patched(*args, **kwargs):
+        data = real(*args, **kwargs)
+        data.tune_index, data.tune_batches = data.val_index, data.val_batches
+        return data
+
+    loop.prepare_data = patched
+    try:
+        yield
+    finally:
+        loop.prepare_data = real
+
+
+def train_fold(shards: Path, splits: Path, fold: int, out: Path, arch: str = "simple_cnn", **overrides) -> dict:
+    """One ``train`` with the package defaults (plus ``overrides``); the figures quoted, per fold."""
+    import keras
+
+    from python_task.training.config import TrainConfig
+    from python_task.training.loop import train
+
+    keras.backend.clear_session()
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = TrainConfig(shards=shards, splits=splits, fold=fold, arch=arch, out=out, verbose=False, tensorboard=False,
+                      **overrides)
+    t0 = time.perf_counter()
+    m = train(cfg)
+    keys = ("val_auc", "val_patient_auc", "val_slide_auc", "val_patient_accuracy", "val_balanced_accuracy",
+            "threshold", "tune_auc", "best_epoch", "epochs_run", "selection_tuned", "n_val_patients_pos",
+            "n_val_patients_neg", "n_tune_patients", "n_train_tiles", "n_val_tiles", "train_seconds", "n_params")
+    row = {"fold": fold, **{k: float(m[k]) for k in keys}, "wall_seconds": time.perf_counter() - t0}
+    shutil.rmtree(out, ignore_errors=True)
+    return row
+
+
+def fold_line(tag: str, r: dict) -> str:
+    rule = (f"epoch {r['best_epoch']:.0f}/{r['epochs_run']:.0f} on tuning set" if r["selection_tuned"]
+            else f"fixed rule, last epoch {r['epochs_run']:.0f}")
+    return (f"  {tag:<24} fold {r['fold']}: tile AUC {r['val_auc']:.3f}, patient AUC {r['val_patient_auc']:.3f} "
+            f"({r['n_val_patients_pos']:.0f} malignant + {r['n_val_patients_neg']:.0f} benign patients), "
+            f"patient accuracy {r['val_patient_accuracy']:.3f} at threshold {r['threshold']:.3f}; {rule} "
+            f"({r['train_seconds']:.0f} s)")
+
+
+def cohort_runs(work: Path, seeds: list[int], patients: int, folds: int, overrides: dict) -> tuple[list, list]:
+    cohorts, rows = [], []
+    for seed in seeds:
+        shards, splits, info = make_cohort(work, patients, seed, folds)
+        cohorts.append(info)
+        log(f"cohort {patients} patients seed {seed}: {info['tiles']} tiles, tuning sets {info['tuning_sets']}")
+        for fold in range(folds):
+            r = {"seed": seed, **train_fold(shards, splits, fold, work / "run", **overrides)}
+            rows.append(r)
+            log(fold_line(f"{patients} patients seed {seed}", r))
+    return cohorts, rows
+
+
+def summary(values: list[float]) -> dict:
+    x = [v for v in values if math.isfinite(v)]
+    return {"n": len(x), "median": statistics.median(x) if x else math.nan, "worst": min(x) if x else math.nan,
+            "mean": statistics.fmean(x) if x else math.nan}
+
+
+def t_interval(values: list[float]) -> dict:
+    from scipy import stats
+
+    x = np.asarray([v for v in values if math.isfinite(v)], float)
+    if len(x) < 2:
+        return {"n": len(x), "mean": float(x.mean()) if len(x) else math.nan, "ci_low": math.nan, "ci_high": math.nan}
+    half = float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+    return {"n": len(x), "mean": float(x.mean()), "sd": float(x.std(ddof=1)), "ci_low": float(x.mean() - half),
+            "ci_high": float(x.mean() + half)}
+
+
+# --------------------------------------------------------------------------------------------- baseline
 
 def colour_features(tiles: np.ndarray) -> np.ndarray:
     """Normalised 8-bin histogram of each RGB channel, per tile: ``(n, 24)``."""
@@ -105,207 +231,176 @@ def index_features(index) -> np.ndarray:
     from python_task.data.dataset import TileFetcher
 
     fetcher = TileFetcher(index)
-    parts = []
-    for start in range(0, len(index), 512):
-        parts.append(colour_features(fetcher.fetch(np.arange(start, min(start + 512, len(index))))))
-    return np.concatenate(parts)
+    return np.concatenate([colour_features(fetcher.fetch(np.arange(s, min(s + 512, len(index)))))
+                           for s in range(0, len(index), 512)])
 
 
 def histogram_baseline(shards: Path, splits: Path, folds: int) -> list[dict]:
-    """Per fold: logistic regression on colour histograms of the training tiles, AUCs on the validation tiles."""
+    """Per fold: logistic regression on colour histograms of the fitting tiles, AUCs on the held-out tiles."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     from python_task.data.dataset import build_index
+    from python_task.data.splits import load_fold
     from python_task.training.metrics import auc, group_auc
 
     out = []
     for fold in range(folds):
-        train_ids, val_ids = fold_slides(shards, splits, fold)
-        tr, va = build_index(shards, train_ids), build_index(shards, val_ids)
+        f = load_fold(splits, shards, fold)
+        tr, va = build_index(shards, f.train_slides), build_index(shards, f.val_slides)
         clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=1.0))
         clf.fit(index_features(tr), tr.labels)
         prob = clf.predict_proba(index_features(va))[:, 1]
         out.append({"fold": fold, "val_auc": float(auc(va.labels, prob)),
-                    "val_slide_auc": float(group_auc(va.labels, prob, va.slide_ids)),
-                    "val_patient_auc": float(group_auc(va.labels, prob, va.patient_ids)),
-                    "val_patient_auc_top10": float(group_auc(va.labels, prob, va.patient_ids, how="top10")),
-                    "n_train_tiles": len(tr), "n_val_tiles": len(va)})
+                    "val_patient_auc": float(group_auc(va.labels, prob, va.patient_ids))})
     return out
 
 
-def run_config(shards: Path, splits: Path, work: Path, args, name: str, arch: str, augment: str,
-               stain: str) -> list[dict]:
-    """``train`` on every fold; the metrics that matter here, per fold."""
-    import keras
-
-    from python_task.training.config import TrainConfig
-    from python_task.training.loop import train
-
-    rows = []
-    for fold in range(args.folds):
-        keras.backend.clear_session()
-        base = args.unet_filters if arch == "unet_encoder" else 32
-        light = arch == "simple_cnn"
-        cfg = TrainConfig(shards=shards, splits=splits, fold=fold, arch=arch, out=work / "runs" / f"run{fold}",
-                          lr=args.lr, batch_size=args.batch_size, epochs=args.epochs if light else args.heavy_epochs,
-                          augment=augment, stain=stain, seed=args.seed, input_size=args.input_size,
-                          max_train_tiles=args.max_train_tiles if light else args.heavy_max_train_tiles,
-                          max_val_tiles=args.max_val_tiles, patience=args.patience, workers=2, verbose=False,
-                          tensorboard=False, base_filters=base)
-        shutil.rmtree(cfg.out, ignore_errors=True)
-        m = train(cfg)
-        row = {"fold": fold, **{k: float(m[k]) for k in ("val_patient_auc", "val_slide_auc", "val_auc",
-                                                       "val_balanced_accuracy", "train_seconds", "epochs_run",
-                                                       "best_epoch", "n_train_tiles", "n_val_tiles", "n_params")}}
-        row["val_patient_auc_top10"] = top10_patient_auc(cfg.out / "predictions.csv")
-        rows.append(row)
-        log(f"  {name:<34} fold {fold}: patient AUC {row['val_patient_auc']:.3f}, tile AUC {row['val_auc']:.3f}, "
-            f"best epoch {row['best_epoch']:.0f}/{row['epochs_run']:.0f}, {row['train_seconds']:.0f} s")
-        shutil.rmtree(cfg.out, ignore_errors=True)
-    return rows
-
-
-def top10_patient_auc(predictions: Path) -> float:
-    """Patient AUC from the validation predictions of a run, each patient scored by the mean of its top 10 %
-    tiles (malignant patients also have benign regions, which dilute the mean)."""
-    import csv
-
-    from python_task.training.metrics import group_auc
-
-    with open(predictions, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    return float(group_auc(np.array([int(r["label"]) for r in rows]), np.array([float(r["prob"]) for r in rows]),
-                           np.array([r["patient_id"] for r in rows]), how="top10"))
-
-
-def _nanmean(values: list[float]) -> float:
-    return float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
-
-
-def summarise(rows: list[dict]) -> dict:
-    pa = [r["val_patient_auc"] for r in rows]
-    return {"mean_patient_auc": _nanmean(pa),
-            "mean_patient_auc_top10": _nanmean([r["val_patient_auc_top10"] for r in rows]),
-            "min_patient_auc": float(np.nanmin(pa)) if np.isfinite(pa).any() else math.nan,
-            "mean_tile_auc": float(np.nanmean([r["val_auc"] for r in rows])),
-            "train_seconds": float(sum(r.get("train_seconds", 0.0) for r in rows)), "folds": rows}
-
+# --------------------------------------------------------------------------------------------- main
 
 def main() -> int:
+    from python_task.training.architectures import architecture_names
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--patients", type=int, default=15, help="patients of the synthetic cohort (default 15)")
-    ap.add_argument("--slide-size", type=int, default=3072, help="synthetic slide size in px at 0.5 µm/px")
-    ap.add_argument("--stain-variation", type=float, default=2.0, help="per-slide stain variation (default 2.0)")
-    ap.add_argument("--tile-size", type=int, default=128, help="tile size in px (default 128)")
-    ap.add_argument("--mpp", type=float, default=1.0, help="tile resolution in µm/px (default 1.0)")
-    ap.add_argument("--input-size", type=int, default=64, help="model input size, resized in the model (64)")
-    ap.add_argument("--folds", type=int, default=3, help="patient-level folds (default 3)")
-    ap.add_argument("--archs", default="simple_cnn,unet_encoder,mobilenet_v2", help="comma-separated architectures")
-    ap.add_argument("--epochs", type=int, default=15, help="maximum epochs of simple_cnn (default 15)")
-    ap.add_argument("--patience", type=int, default=8, help="early-stopping patience in epochs (default 8)")
-    ap.add_argument("--heavy-epochs", type=int, default=3,
-                    help="maximum epochs of every other architecture (default 3: they train at a few dozen "
-                         "tiles/s on 2 cores; raise it, e.g. to 15, for a fair comparison)")
-    ap.add_argument("--heavy-max-train-tiles", type=int, default=512,
-                    help="training tiles per fold for the other architectures (default 512; 0 = all)")
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--augment", default="none", help="augmentation for the architecture runs (none)")
-    ap.add_argument("--stain", default="none", help="stain normalisation for the architecture runs (none)")
-    ap.add_argument("--unet-filters", type=int, default=16, help="base filters of unet_encoder (default 16)")
-    ap.add_argument("--max-train-tiles", type=int, default=0, help="cap on training tiles per fold (0 = all)")
-    ap.add_argument("--max-val-tiles", type=int, default=0, help="cap on validation tiles per fold (0 = all)")
-    ap.add_argument("--stain-compare", action="store_true",
-                    help="also run simple_cnn with / without macenko and with / without flip,rot90,hed")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}")
+    ap.add_argument("--seeds", default="301,302,303,304,305", help="12-patient cohort seeds (cohorts, archs)")
+    ap.add_argument("--small-seeds", default="401,402,403,404,405", help="8-patient cohort seeds (small)")
+    ap.add_argument("--control-seeds", default="501,502,503,504", help="12-patient shuffled cohort seeds (control)")
+    ap.add_argument("--archs", default="all", help="architectures of the archs section (default all registered)")
+    ap.add_argument("--arch-epochs", type=int, default=3, help="epochs of the keras.applications networks (3)")
+    ap.add_argument("--arch-max-train-tiles", type=int, default=512,
+                    help="training tiles of the keras.applications networks (512)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a train option for every run (an ablation), e.g. augment=none; repeatable")
+    ap.add_argument("--tune-fraction", type=float, help="split's tuning fraction (default: split's own, 0.25)")
     ap.add_argument("--out", type=Path, default=Path("bench_out"), help="where the JSON report goes")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
-    ap.add_argument("--quick", action="store_true", help="small and fast (tests): 6 patients, 2 folds, simple_cnn, "
-                    "1 epoch, at most 256 tiles per set")
+    ap.add_argument("--quick", action="store_true", help="small and fast (tests): one small cohort per section, "
+                    "1 epoch on at most 128 tiles, simple_cnn only")
     args = ap.parse_args()
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        ap.error(f"unknown section(s) {', '.join(sorted(unknown))}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    small_seeds = [int(s) for s in args.small_seeds.split(",")]
+    control_seeds = [int(s) for s in args.control_seeds.split(",")]
+    archs = architecture_names() if args.archs == "all" else [a.strip() for a in args.archs.split(",")]
+    overrides: dict = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        from python_task.training.config import train_options
+
+        option = train_options()[key.strip()]
+        overrides[option.field] = option.kind(value) if option.kind is not bool else value.lower() == "true"
+    if args.tune_fraction is not None:
+        TUNE_FRACTION.append(args.tune_fraction)
     if args.quick:
-        args.patients, args.slide_size, args.folds, args.archs = 6, 2048, 2, "simple_cnn"
-        args.epochs, args.heavy_epochs, args.patience = 1, 1, 0
-        args.max_train_tiles = args.heavy_max_train_tiles = args.max_val_tiles = 256
-    archs = [a.strip() for a in args.archs.split(",") if a.strip()]
+        seeds, small_seeds, control_seeds, archs = seeds[:1], small_seeds[:1], control_seeds[:1], ["simple_cnn"]
+        overrides.update(epochs=1, max_train_tiles=128, max_val_tiles=128)
 
-    load_start = os.getloadavg()
     t_start = time.perf_counter()
+    report: dict = {"quick": args.quick, "sections": sections, "defaults": "TrainConfig defaults",
+                    "tune_fraction": args.tune_fraction,
+                    "cohort_recipe": {"slide_size": SLIDE_SIZE, "stain_variation": 1.0, "tile_size": TILE_SIZE,
+                                      "mpp": MPP, "split_seed": 0}, "overrides": overrides,
+                    "loadavg_start": list(os.getloadavg())}
+    targets: dict[str, bool] = {}
+    lines: list[str] = []
     with scratch_folder("bench_learning_", keep=args.keep) as work:
-        shards, splits, data = build_data(work, args)
-        log(f"cohort: {args.patients} patients, {data['tiles']} tiles of {args.tile_size} px at {args.mpp} µm/px, "
-            f"{args.folds} folds (synth {data['synth_seconds']:.0f} s, extract {data['extract_seconds']:.0f} s)")
-        baseline = summarise(histogram_baseline(shards, splits, args.folds))
-        log(f"  colour-histogram baseline: patient AUC {baseline['mean_patient_auc']:.3f}")
-        results = {}
-        for arch in archs:
-            name = f"{arch} augment={args.augment} stain={args.stain}"
-            results[arch] = summarise(run_config(shards, splits, work, args, name, arch, args.augment, args.stain))
-        compare = {}
-        if args.stain_compare:
-            for augment, stain in COMPARE:
-                key = f"augment={augment} stain={stain}"
-                if "simple_cnn" in results and (augment, stain) == (args.augment, args.stain):
-                    compare[key] = results["simple_cnn"]
-                else:
-                    compare[key] = summarise(run_config(shards, splits, work, args, f"simple_cnn {key}",
-                                                        "simple_cnn", augment, stain))
-        best_arch = max(results, key=lambda a: -1 if math.isnan(results[a]["mean_patient_auc"])
-                        else results[a]["mean_patient_auc"]) if results else None
-        best = results[best_arch]["mean_patient_auc"] if best_arch else math.nan
-        base_auc = baseline["mean_patient_auc"]
-        splits_data = json.loads(splits.read_text())
-        report = {
-            "cohort": {"patients": args.patients, "slide_size": args.slide_size,
-                       "stain_variation": args.stain_variation, "seed": args.seed, **data},
-            "tiles": {"tile_size": args.tile_size, "mpp": args.mpp, "input_size": args.input_size},
-            "folds": args.folds,
-            "fold_patients": [f["val_patients"] for f in splits_data["folds"]],
-            "training": {"epochs": args.epochs, "patience": args.patience, "lr": args.lr,
-                         "heavy_epochs": args.heavy_epochs, "heavy_max_train_tiles": args.heavy_max_train_tiles,
-                         "batch_size": args.batch_size, "augment": args.augment, "stain": args.stain,
-                         "unet_filters": args.unet_filters, "max_train_tiles": args.max_train_tiles,
-                         "max_val_tiles": args.max_val_tiles},
-            "quick": args.quick,
-            "architectures": results, "baseline_colour_histogram": baseline,
-            "patient_auc": {**{a: r["mean_patient_auc"] for a, r in results.items()}, "colour_histogram": base_auc},
-            "train_seconds": {a: r["train_seconds"] for a, r in results.items()},
-            "best_arch": best_arch, "best_cnn_patient_auc": best, "baseline_patient_auc": base_auc,
-            "patient_auc_top10": {**{a: r["mean_patient_auc_top10"] for a, r in results.items()},
-                                  "colour_histogram": baseline["mean_patient_auc_top10"]},
-            "stain_compare": {k: {"mean_patient_auc": v["mean_patient_auc"],
-                                  "mean_patient_auc_top10": v["mean_patient_auc_top10"],
-                                  "mean_tile_auc": v["mean_tile_auc"],
-                                  "train_seconds": v["train_seconds"], "folds": v["folds"]}
-                              for k, v in compare.items()} if args.stain_compare else None,
-            "loadavg_start": list(load_start), "loadavg_end": list(os.getloadavg()),
-            "seconds": time.perf_counter() - t_start,
-        }
-        targets = {"best CNN patient AUC >= 0.95": bool(best >= 0.95),
-                   "colour-histogram baseline patient AUC < 0.75": bool(base_auc < 0.75)}
-        report["targets"] = targets
-        path = write_report(args.out, "bench_learning", report)
-
-        print(f"bench_learning: {args.patients} synthetic patients (stain variation {args.stain_variation}), "
-              f"{data['tiles']} tiles of {args.tile_size} px at {args.mpp} um/px -> {args.input_size} px input, "
-              f"{args.folds} patient-level folds; augment={args.augment} stain={args.stain}")
-        head = f"  {'':<46} {'patient AUC mean / min':>17} {'top10':>6} {'tile AUC':>9} {'train s':>8}"
-        print(head)
-
-        def line(label: str, r: dict) -> None:
-            print(f"  {label:<46} {r['mean_patient_auc']:>9.3f} / {r['min_patient_auc']:.3f} "
-                  f"{r['mean_patient_auc_top10']:>6.3f} {r['mean_tile_auc']:>9.3f} {r['train_seconds']:>8.0f}")
-
-        for a, r in results.items():
-            line(a, r)
-        line("colour histogram + logistic regression", {**baseline, "train_seconds": math.nan})
-        if compare:
-            print("  simple_cnn, stain normalisation / augmentation:")
-            for k, r in compare.items():
-                line(k, r)
-        return conclude(targets, path, report["seconds"])
+        if "cohorts" in sections:
+            cohorts, rows = cohort_runs(work, seeds, 12, 3, overrides)
+            s = summary([r["val_auc"] for r in rows])
+            report["cohorts"] = {"seeds": seeds, "cohorts": cohorts, "folds": rows, "tile_auc": s,
+                                 "patient_auc": summary([r["val_patient_auc"] for r in rows])}
+            targets["12 patients x 3 folds: median held-out tile AUC >= 0.90"] = bool(s["median"] >= 0.90)
+            targets["12 patients x 3 folds: worst fold >= 0.75"] = bool(s["worst"] >= 0.75)
+            lines.append(f"12 patients, 3 folds, seeds {seeds}: held-out tile AUC median {s['median']:.3f}, worst "
+                         f"{s['worst']:.3f} ({s['n']} folds); patient AUC median "
+                         f"{report['cohorts']['patient_auc']['median']:.3f}, worst "
+                         f"{report['cohorts']['patient_auc']['worst']:.3f}")
+            lines += [fold_line(f"seed {r['seed']}", r) for r in rows]
+        if "small" in sections:
+            cohorts, rows = cohort_runs(work, small_seeds, 8, 2, overrides)
+            s = summary([r["val_auc"] for r in rows])
+            report["small"] = {"seeds": small_seeds, "cohorts": cohorts, "folds": rows, "tile_auc": s,
+                               "patient_auc": summary([r["val_patient_auc"] for r in rows])}
+            targets["8 patients x 2 folds: no fold below 0.70"] = bool(s["worst"] >= 0.70)
+            lines.append(f"8 patients, 2 folds, seeds {small_seeds}: held-out tile AUC median {s['median']:.3f}, "
+                         f"worst {s['worst']:.3f} ({s['n']} folds)")
+            lines += [fold_line(f"seed {r['seed']}", r) for r in rows]
+        if "control" in sections:
+            tuned, held_out = [], []
+            for seed in control_seeds:
+                shards, splits, info = make_cohort(work, 12, seed, 3, swap=True)
+                log(f"shuffled cohort seed {seed}: swapped {info['swapped']}")
+                for fold in range(3):
+                    a = {"seed": seed, **train_fold(shards, splits, fold, work / "run", **overrides)}
+                    with selection_on_held_out():
+                        b = {"seed": seed, **train_fold(shards, splits, fold, work / "run", **overrides)}
+                    tuned.append(a)
+                    held_out.append(b)
+                    log(fold_line(f"shuffled {seed} tuning", a))
+                    log(fold_line(f"shuffled {seed} held-out", b))
+            ta, tb = t_interval([r["val_auc"] for r in tuned]), t_interval([r["val_auc"] for r in held_out])
+            pa, pb = (t_interval([r["val_patient_auc"] for r in tuned]),
+                      t_interval([r["val_patient_auc"] for r in held_out]))
+            diffs = [b["val_auc"] - a["val_auc"] for a, b in zip(tuned, held_out)]
+            report["control"] = {"seeds": control_seeds, "tuning_set_selection": tuned,
+                                 "held_out_selection": held_out, "tile_auc_tuning": ta, "tile_auc_held_out": tb,
+                                 "patient_auc_tuning": pa, "patient_auc_held_out": pb,
+                                 "bias_tile_auc": t_interval(diffs), "bias_max": max(diffs)}
+            targets["shuffled diagnoses: 0.5 inside the 95 % interval of the mean tile AUC"] = bool(
+                ta["ci_low"] <= 0.5 <= ta["ci_high"])
+            lines.append(f"shuffled diagnoses, seeds {control_seeds}, {ta['n']} runs: mean held-out tile AUC "
+                         f"{ta['mean']:.3f} [{ta['ci_low']:.3f}, {ta['ci_high']:.3f}] with selection on the tuning "
+                         f"set; {tb['mean']:.3f} [{tb['ci_low']:.3f}, {tb['ci_high']:.3f}] with selection on the "
+                         f"held-out fold: bias {tb['mean'] - ta['mean']:+.3f} on average, up to {max(diffs):+.3f}; "
+                         f"patient AUC {pa['mean']:.3f} vs {pb['mean']:.3f}")
+            lines += [f"  seed {a['seed']} fold {a['fold']}: tile AUC {a['val_auc']:.3f} (tuning set, epoch "
+                      f"{a['best_epoch']:.0f}) vs {b['val_auc']:.3f} (held-out fold, epoch {b['best_epoch']:.0f}); "
+                      f"patient AUC {a['val_patient_auc']:.3f} vs {b['val_patient_auc']:.3f}"
+                      for a, b in zip(tuned, held_out)]
+        if "archs" in sections:
+            shards, splits, info = make_cohort(work, 12, seeds[0], 3)
+            base = histogram_baseline(shards, splits, 3)
+            base_auc = statistics.fmean(r["val_auc"] for r in base)
+            results = {}
+            for arch in archs:
+                light = arch in ("simple_cnn", "unet_encoder")
+                kw = dict(overrides)
+                if not light and not args.quick:
+                    kw.update(epochs=args.arch_epochs, max_train_tiles=args.arch_max_train_tiles)
+                if arch in MIN_SIZE:
+                    kw["input_size"] = MIN_SIZE[arch]
+                rows = []
+                for fold in range(3):
+                    r = train_fold(shards, splits, fold, work / "run", arch=arch, **kw)
+                    rows.append(r)
+                    log(fold_line(arch, r))
+                results[arch] = {"budget": kw, "folds": rows,
+                                 "mean_tile_auc": statistics.fmean(r["val_auc"] for r in rows),
+                                 "mean_patient_auc": statistics.fmean(r["val_patient_auc"] for r in rows),
+                                 "train_seconds": sum(r["train_seconds"] for r in rows)}
+                targets[f"{arch}: mean tile AUC above the colour-histogram baseline"] = bool(
+                    results[arch]["mean_tile_auc"] > base_auc)
+            report["archs"] = {"cohort": info, "baseline_colour_histogram": base, "baseline_mean_tile_auc": base_auc,
+                               "baseline_mean_patient_auc": statistics.fmean(r["val_patient_auc"] for r in base),
+                               "architectures": results}
+            lines.append(f"every architecture, 12 patients seed {seeds[0]}, 3 folds (mean held-out tile AUC / "
+                         "patient AUC, training seconds):")
+            lines.append(f"  {'colour histogram + logistic regression':<40} {base_auc:.3f} / "
+                         f"{report['archs']['baseline_mean_patient_auc']:.3f}")
+            for arch, r in results.items():
+                lines.append(f"  {arch:<40} {r['mean_tile_auc']:.3f} / {r['mean_patient_auc']:.3f}  "
+                             f"({r['train_seconds']:.0f} s; budget {r['budget'] or 'defaults'})")
+    report.update(targets=targets, seconds=time.perf_counter() - t_start, loadavg_end=list(os.getloadavg()))
+    path = write_report(args.out, "bench_learning", report)
+    print("bench_learning: train's defaults on fresh synthetic cohorts (64-px tiles at 1 um/px, 2048-px slides)")
+    for line in lines:
+        print(line)
+    return conclude(targets, path, report["seconds"])
 
 
 if __name__ == "__main__":

@@ -146,24 +146,41 @@ def _run_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+# split's tuning fraction, as python_task.data.splits.DEFAULT_TUNE_FRACTION (a test keeps them equal; importing
+# that module here would load h5py for every command)
+DEFAULT_TUNE_FRACTION = 0.25
+
+
 def _add_split(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("split", help="patient-level K folds, stratified by diagnosis, saved as JSON")
     p.add_argument("--shards", required=True, type=Path, help="folder of shards with manifest.csv")
     p.add_argument("--folds", required=True, type=int, help="number of folds K")
     p.add_argument("--out", required=True, type=Path, help="splits JSON file to write")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--tune-fraction", type=float, default=DEFAULT_TUNE_FRACTION,
+                   help="share of each fold's training patients (per diagnosis, at least one) set aside as its "
+                        "tuning set, on which train chooses the epoch and threshold; 0 = none (default "
+                        f"{_default(DEFAULT_TUNE_FRACTION)})")
+    p.add_argument("--test-fraction", type=float, default=0.0,
+                   help="share of the patients (per diagnosis, at least one) held out of every fold as a test set "
+                        "for `evaluate` (default 0: none)")
     p.set_defaults(handler=_run_split)
 
 
 def _run_split(args: argparse.Namespace) -> int:
     from python_task.data.splits import make_splits, write_splits
 
-    splits = make_splits(args.shards, args.folds, seed=args.seed)
+    splits = make_splits(args.shards, args.folds, seed=args.seed, tune_fraction=args.tune_fraction,
+                         test_fraction=args.test_fraction)
     write_splits(splits, args.out)
+    if splits["test_patients"]:
+        print(f"test patients (in no fold): {', '.join(splits['test_patients'])}", file=sys.stderr)
     for fold in splits["folds"]:
         counts = fold["tile_counts"]
-        print(f"fold {fold['fold']}: validation patients {', '.join(fold['val_patients'])}; tiles train "
-              f"{counts['train']}, val {counts['val']}", file=sys.stderr)
+        tune = (f"tuning patients {', '.join(fold['tune_patients'])}" if fold["tune_patients"] else
+                "no tuning set (train's fixed rule: last epoch, threshold 0.5)")
+        print(f"fold {fold['fold']}: validation patients {', '.join(fold['val_patients'])}; {tune}; tiles train "
+              f"{counts['train']}, tune {counts['tune']}, val {counts['val']}", file=sys.stderr)
     print(f"splits written: {args.out}")
     return 0
 
@@ -263,8 +280,30 @@ def _run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="score a trained model once on the split's test patients (in no fold)")
+    p.add_argument("--model", required=True, type=Path, help="model.keras of a train run (its config.json beside it)")
+    p.add_argument("--shards", required=True, type=Path, help="folder of shards with manifest.csv")
+    p.add_argument("--splits", required=True, type=Path, help="the splits JSON, made with --test-fraction")
+    p.add_argument("--out", required=True, type=Path, help="output folder: test_metrics.json, test_predictions.csv")
+    p.add_argument("--batch-size", type=int, default=PREDICT_BATCH_SIZE,
+                   help=f"tiles per inference batch (default {PREDICT_BATCH_SIZE})")
+    p.set_defaults(handler=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from python_task.inference.evaluate import evaluate_model
+
+    m = evaluate_model(args.model, args.shards, args.splits, args.out, batch_size=args.batch_size)
+    print(f"test set: tile AUC {m['test_auc']:.3f} [{m['test_auc_ci_low']:.3f}, {m['test_auc_ci_high']:.3f}], "
+          f"patient AUC {m['test_patient_auc']:.3f} [{m['test_patient_auc_ci_low']:.3f}, "
+          f"{m['test_patient_auc_ci_high']:.3f}] ({m['n_test_patients_pos']:.0f} malignant + "
+          f"{m['n_test_patients_neg']:.0f} benign patients); metrics written: {args.out / 'test_metrics.json'}")
+    return 0
+
+
 # demo's own defaults, as in python_task.experiments.demo.DemoConfig (a test keeps them equal)
-DEMO_DEFAULTS = {"patients": 6, "epochs": 3, "jobs": 1, "seed": 0}
+DEMO_DEFAULTS = {"patients": 12, "epochs": 3, "jobs": 2, "seed": 0}
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -300,20 +339,23 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metric", default="val_patient_auc",
                    help="metric that ranks the configurations (default val_patient_auc; *loss and *seconds "
                         "rank lowest first)")
+    p.add_argument("--test", type=Path, action="append", default=[], metavar="DIR",
+                   help="an evaluate output folder (test_metrics.json): shown apart from the cross-validation "
+                        "ranking; may be repeated")
     p.set_defaults(handler=_run_report)
 
 
 def _run_report(args: argparse.Namespace) -> int:
     from python_task.experiments.report import make_report
 
-    path = make_report(args.results, args.out, metric=args.metric)
+    path = make_report(args.results, args.out, metric=args.metric, tests=args.test)
     print(f"report written: {path}")
     return 0
 
 
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    _add_synth, _add_extract, _add_verify, _add_split, _add_train, _add_augment_preview, _add_sweep, _add_predict, _add_report,
-    _add_demo)
+    _add_synth, _add_extract, _add_verify, _add_split, _add_train, _add_augment_preview, _add_sweep, _add_predict,
+    _add_evaluate, _add_report, _add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

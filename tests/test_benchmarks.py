@@ -72,16 +72,22 @@ def test_bench_input_quick(tmp_path: Path) -> None:
 
 
 def test_bench_learning_quick(tmp_path: Path) -> None:
-    r = run_bench("bench_learning.py", tmp_path, "--stain-compare")
-    assert r["best_arch"] == "simple_cnn" and r["folds"] == 2
-    for name, res in {**r["architectures"], "baseline": r["baseline_colour_histogram"]}.items():
-        assert len(res["folds"]) == 2, name
-        assert all(0 <= f["val_patient_auc"] <= 1 for f in res["folds"]), name
-        assert finite(res["mean_patient_auc"]), name
-    assert finite(r["best_cnn_patient_auc"]) and finite(r["baseline_patient_auc"])
-    assert finite(r["train_seconds"]["simple_cnn"]) and r["train_seconds"]["simple_cnn"] > 0
-    assert len(r["stain_compare"]) == 4
-    assert all(finite(v["mean_patient_auc"]) for v in r["stain_compare"].values())
+    r = run_bench("bench_learning.py", tmp_path)
+    assert r["sections"] == ["cohorts", "small", "control", "archs"]
+    for section, folds in (("cohorts", 3), ("small", 2)):
+        rows = r[section]["folds"]
+        assert len(rows) == folds, section
+        for row in rows:
+            assert 0 <= row["val_auc"] <= 1 and row["n_val_patients_pos"] >= 1 and row["n_val_patients_neg"] >= 1
+        assert finite(r[section]["tile_auc"]["median"]) and finite(r[section]["tile_auc"]["worst"])
+    assert all(row["selection_tuned"] == 1.0 for row in r["cohorts"]["folds"])  # 12 patients: tuning sets
+    assert all(row["selection_tuned"] == 0.0 for row in r["small"]["folds"])  # 8 patients: the fixed rule
+    control = r["control"]
+    assert len(control["tuning_set_selection"]) == len(control["held_out_selection"]) == 3
+    assert finite(control["tile_auc_tuning"]["mean"]) and finite(control["bias_tile_auc"]["mean"])
+    archs = r["archs"]
+    assert finite(archs["baseline_mean_tile_auc"]) and finite(archs["architectures"]["simple_cnn"]["mean_tile_auc"])
+    assert len(r["targets"]) == 5
 
 
 def test_bench_predict_quick(tmp_path: Path) -> None:

@@ -48,6 +48,11 @@ def test_defaults_are_the_library_defaults():
     signature = inspect.signature(predict_slide).parameters
     for name in ("batch_size", "min_tissue", "min_coverage", "stride", "slide_mpp"):
         assert predict[name] == signature[name].default, name
+    from python_task.data.splits import make_splits
+
+    split = {a.dest: a.default for a in sub.choices["split"]._actions}  # noqa: SLF001
+    for name in ("tune_fraction", "test_fraction"):
+        assert split[name] == inspect.signature(make_splits).parameters[name].default, name
     assert tuple(predict["offset"]) == signature["offset"].default and predict["reader"] == signature["reader_name"].default
     demo = DemoConfig()
     assert cli.DEMO_DEFAULTS == {k: getattr(demo, k) for k in cli.DEMO_DEFAULTS}

@@ -10,6 +10,16 @@ A split is made from the shards folder's ``manifest.csv`` alone (no shard is ope
 * **Folds.** :class:`sklearn.model_selection.StratifiedGroupKFold` (``shuffle=True, random_state=seed``) over one
   row per patient (patients sorted by id, so the split depends only on the manifest and the seed). Every slide
   follows its patient, so no patient is ever on both sides.
+* **Test set** (``test_fraction`` > 0): before the folds, a seeded, stratified set of patients is held out of
+  every fold (``round(test_fraction * n)`` patients of each diagnosis, at least one): no fold trains, tunes or
+  validates on them; ``evaluate`` scores a finished model on them once.
+* **Tuning set** (``tune_fraction`` > 0, default 0.25): in every fold, a seeded set of the fold's training
+  patients, stratified by diagnosis (``round(tune_fraction * n)`` of each diagnosis, at least one), on which
+  ``train`` chooses the epoch, stops early and sets the decision threshold; the network is fitted on the
+  remaining ``train_patients``, and the validation fold is predicted once, at the end. A fold whose training
+  patients cannot spare a tuning set (each diagnosis must keep :data:`MIN_FIT_PATIENTS` patients to fit on) gets
+  none: ``train`` then uses the fixed rule (the last of ``epochs`` epochs, threshold 0.5) and says so; the fold's
+  ``selection`` says which (``tuning set`` or ``fixed``).
 * **Too few patients.** Errors only where a fold's *validation set* could not be non-empty: ``K < 2`` or more
   folds than patients. When every diagnosis has fewer patients than ``K`` (scikit-learn refuses to stratify
   then), patients are dealt round-robin, class by class, over the folds in a seeded order, which still puts at
@@ -18,19 +28,29 @@ A split is made from the shards folder's ``manifest.csv`` alone (no shard is ope
   some *training* sets lack it and ``train`` refuses those folds. Each such case is logged as a warning and listed
   in the JSON's ``warnings``: the split is still written, since the other folds are usable.
 
-JSON written (extra keys beyond the contract: ``shards``, ``method``, ``warnings``, and per fold
-``val_diagnoses``/``train_diagnoses``)::
+JSON written (format 2; extra keys beyond the contract: ``shards``, ``method``, ``warnings``, and per fold
+``val_diagnoses``/``train_diagnoses``/``tune_diagnoses``)::
 
-    {"format_version": 1, "seed": 0, "n_folds": 3, "manifest_digest": "<sha256>", "label_names": [...],
+    {"format_version": 2, "seed": 0, "n_folds": 3, "manifest_digest": "<sha256>", "label_names": [...],
      "patients": {patient_id: diagnosis}, "slides": {slide_id: patient_id},
      "shards": {slide_id: {"shard": "S1.h5", "n_tiles": 120}}, "method": "StratifiedGroupKFold", "warnings": [],
+     "tune_fraction": 0.25, "test_fraction": 0.0, "test_patients": [...], "test_slides": [...],
+     "test_diagnoses": {diagnosis: n_patients},
      "folds": [{"fold": 0, "val_patients": [...], "val_slides": [...], "train_patients": [...],
-                "train_slides": [...], "tile_counts": {"train": {class: n}, "val": {class: n}},
-                "val_diagnoses": {diagnosis: n_patients}, "train_diagnoses": {...}}, ...]}
+                "train_slides": [...], "tune_patients": [...], "tune_slides": [...], "selection": "tuning set",
+                "tile_counts": {"train": {class: n}, "tune": {...}, "val": {class: n}},
+                "val_diagnoses": {diagnosis: n_patients}, "train_diagnoses": {...}, "tune_diagnoses": {...}},
+               ...]}
+
+``train_patients`` are the patients the network is fitted on; ``tune_patients`` (possibly none) choose its
+epoch and threshold; ``val_patients`` are the held-out fold; ``test_patients`` are in no fold. The four are
+disjoint and every slide is in exactly one of them. A format-1 file (before tuning and test sets) is read as
+folds without a tuning set and without a test set.
 
 :func:`load_fold` re-checks a split before training: valid JSON and structure, the fold index, no patient or
-slide on both sides of the fold, every slide on its patient's side, the slide -> patient map and the shard set
-(slide ids and :func:`manifest_digest`) unchanged since the split was made, and the fold's shard files present.
+slide on two sides of the fold (training, tuning, validation, test), every slide on its patient's side, the
+slide -> patient map and the shard set (slide ids and :func:`manifest_digest`) unchanged since the split was
+made, and the fold's shard files present.
 """
 
 from __future__ import annotations
@@ -50,8 +70,14 @@ from python_task.shards.manifest import MANIFEST_NAME, digest_rows, manifest_lab
 
 log = logging.getLogger(__name__)
 
-SPLITS_FORMAT_VERSION = 1
+SPLITS_FORMAT_VERSION = 2  # 2: tuning sets per fold and a test set; format 1 (neither) is still read
 FOLD_LIST_KEYS = ("val_patients", "val_slides", "train_patients", "train_slides")
+TUNE_LIST_KEYS = ("tune_patients", "tune_slides")  # format 2; absent from format 1 (no tuning set)
+TEST_LIST_KEYS = ("test_patients", "test_slides")  # format 2, top level
+DEFAULT_TUNE_FRACTION = 0.25
+MIN_FIT_PATIENTS = 2  # patients of each diagnosis a fold must keep to fit on, besides its tuning set
+SELECTION_TUNED = "tuning set"  # a fold's "selection": epoch and threshold chosen on its tuning set
+SELECTION_FIXED = "fixed"  # no tuning set: the last epoch, threshold 0.5
 _MAX_LISTED = 10  # ids named in one error message before "and N more"
 
 
@@ -111,45 +137,97 @@ def patient_diagnoses(rows: Sequence[Mapping], label_names: Sequence[str], manif
 
 # --------------------------------------------------------------------------------------------------- folds
 
-def make_splits(shards_dir: str | Path, folds: int, seed: int = 0) -> dict:
-    """Patient-level stratified K folds of the shards in ``shards_dir`` (see the module doc for the rules)."""
+def make_splits(shards_dir: str | Path, folds: int, seed: int = 0, *, tune_fraction: float = DEFAULT_TUNE_FRACTION,
+                test_fraction: float = 0.0) -> dict:
+    """Patient-level stratified K folds of the shards in ``shards_dir``, each with a tuning set, and an optional
+    test set held out of every fold (see the module doc for the rules)."""
     shards_dir = Path(shards_dir)
     manifest = shards_dir / MANIFEST_NAME
     if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
         raise ConfigError("folds", f"must be a whole number of at least 2 (got {folds!r})")
+    for name, value in (("tune_fraction", tune_fraction), ("test_fraction", test_fraction)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise ConfigError(name, f"must be a number in [0, 1) (got {value!r})")
     folds = int(folds)
     rows = read_manifest(shards_dir)
     label_names = manifest_label_names(rows)
     patients = patient_diagnoses(rows, label_names, manifest)
     slides = {r["slide_id"]: r["patient_id"] for r in sorted(rows, key=lambda r: r["slide_id"])}
-    if folds > len(patients):
-        raise ShardError(manifest, f"only {len(patients)} patient{'s' * (len(patients) != 1)}: cannot make {folds} "
-                        "patient-level folds (each validation set needs at least one patient); use `folds` "
-                        f"{len(patients)} or fewer")
+    test = _stratified_pick(patients, sorted(patients), test_fraction, np.random.default_rng([seed, 0x7E57])) \
+        if test_fraction > 0 else []
+    development = {p: d for p, d in patients.items() if p not in set(test)}
+    if folds > len(development):
+        held = f" ({len(test)} more held out as the test set)" if test else ""
+        raise ShardError(manifest, f"only {len(development)} patient{'s' * (len(development) != 1)}{held}: cannot "
+                        f"make {folds} patient-level folds (each validation set needs at least one patient); use "
+                        f"`folds` {len(development)} or fewer")
 
-    fold_of, method = _assign_folds(patients, folds, seed)
+    fold_of, method = _assign_folds(development, folds, seed)
     by_slide = {r["slide_id"]: r for r in rows}
+
+    def slides_of(ids: Iterable[str]) -> list[str]:
+        chosen = set(ids)
+        return sorted(s for s, p in slides.items() if p in chosen)
+
     out_folds = []
     for k in range(folds):
         val_p = sorted(p for p, f in fold_of.items() if f == k)
-        train_p = sorted(p for p, f in fold_of.items() if f != k)
-        val_s = sorted(s for s, p in slides.items() if fold_of[p] == k)
-        train_s = sorted(s for s, p in slides.items() if fold_of[p] != k)
+        rest = sorted(p for p, f in fold_of.items() if f != k)
+        tune_p = _tuning_set(development, rest, tune_fraction, np.random.default_rng([seed, k, 0x7E4E]))
+        train_p = sorted(set(rest) - set(tune_p))
+        val_s, train_s, tune_s = slides_of(val_p), slides_of(train_p), slides_of(tune_p)
         out_folds.append({
             "fold": k, "val_patients": val_p, "val_slides": val_s, "train_patients": train_p, "train_slides": train_s,
+            "tune_patients": tune_p, "tune_slides": tune_s,
+            "selection": SELECTION_TUNED if tune_p else SELECTION_FIXED,
             "tile_counts": {"train": _tile_counts(by_slide, train_s, label_names),
+                            "tune": _tile_counts(by_slide, tune_s, label_names),
                             "val": _tile_counts(by_slide, val_s, label_names)},
             "val_diagnoses": _diagnosis_counts(patients, val_p, label_names),
-            "train_diagnoses": _diagnosis_counts(patients, train_p, label_names)})
-    notes = _fold_warnings(patients, out_folds)
+            "train_diagnoses": _diagnosis_counts(patients, train_p, label_names),
+            "tune_diagnoses": _diagnosis_counts(patients, tune_p, label_names)})
+    notes = _fold_warnings(development, out_folds)
     for note in notes:
         log.warning("split: %s", note)
+    for f in out_folds:
+        if tune_fraction > 0 and not f["tune_patients"]:
+            counts = ", ".join(f"{n} {c}" for c, n in f["train_diagnoses"].items())
+            log.info("split: fold %d: too few training patients (%s) to set a tuning set aside and keep %d of each "
+                     "diagnosis to fit on: train uses the fixed rule there (the last epoch, threshold 0.5)",
+                     f["fold"], counts, MIN_FIT_PATIENTS)
     return {
         "format_version": SPLITS_FORMAT_VERSION, "seed": int(seed), "n_folds": folds,
         "manifest_digest": digest_rows(rows), "label_names": list(label_names),
         "patients": patients, "slides": slides,
         "shards": {s: {"shard": by_slide[s]["shard"], "n_tiles": int(by_slide[s]["n_tiles"])} for s in slides},
-        "method": method, "warnings": notes, "folds": out_folds}
+        "method": method, "warnings": notes, "tune_fraction": float(tune_fraction),
+        "test_fraction": float(test_fraction), "test_patients": sorted(test), "test_slides": slides_of(test),
+        "test_diagnoses": _diagnosis_counts(patients, test, label_names), "folds": out_folds}
+
+
+def _stratified_pick(patients: Mapping[str, str], ids: Sequence[str], fraction: float,
+                     rng: np.random.Generator) -> list[str]:
+    """``round(fraction * n)`` (at least one) seeded patients of each diagnosis among ``ids``."""
+    picked: list[str] = []
+    for diagnosis in sorted({patients[p] for p in ids}):
+        members = sorted(p for p in ids if patients[p] == diagnosis)
+        n = max(1, round(fraction * len(members)))
+        picked += [str(p) for p in rng.permutation(members)[:n]]
+    return sorted(picked)
+
+
+def _tuning_set(patients: Mapping[str, str], training: Sequence[str], fraction: float,
+                rng: np.random.Generator) -> list[str]:
+    """A fold's tuning patients: a stratified pick of its training patients, or none when ``fraction`` is 0, the
+    training patients have a single diagnosis, or a diagnosis would keep fewer than :data:`MIN_FIT_PATIENTS`."""
+    if fraction <= 0 or len({patients[p] for p in training}) < 2:
+        return []
+    picked = _stratified_pick(patients, training, fraction, rng)
+    for diagnosis in {patients[p] for p in training}:
+        kept = sum(patients[p] == diagnosis for p in training if p not in picked)
+        if kept < MIN_FIT_PATIENTS:
+            return []
+    return picked
 
 
 def _assign_folds(patients: Mapping[str, str], folds: int, seed: int) -> tuple[dict[str, int], str]:
@@ -212,13 +290,18 @@ def write_splits(splits: Mapping, path: str | Path) -> None:
 
 @dataclass(frozen=True)
 class FoldAssignment:
-    """One fold of a checked split: sorted slide and patient ids of each side."""
+    """One fold of a checked split: sorted slide and patient ids of each side (training = fitted on, tuning,
+    validation = the held-out fold) and the split's test patients (in no fold)."""
 
     fold: int
     train_slides: tuple[str, ...]
     val_slides: tuple[str, ...]
     train_patients: tuple[str, ...]
     val_patients: tuple[str, ...]
+    tune_slides: tuple[str, ...] = ()
+    tune_patients: tuple[str, ...] = ()
+    test_patients: tuple[str, ...] = ()
+    format_version: int = SPLITS_FORMAT_VERSION
 
 
 def _ids(ids: Iterable[str]) -> str:
@@ -251,10 +334,15 @@ def read_splits(splits_path: str | Path) -> dict:
 
     if not isinstance(data, dict):
         raise bad("the top level is not a JSON object")
-    version = data.get("format_version", SPLITS_FORMAT_VERSION)
-    if not isinstance(version, int) or version > SPLITS_FORMAT_VERSION:
+    version = data.get("format_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise bad(f"format_version {version!r} is not a positive whole number")
+    if version > SPLITS_FORMAT_VERSION:
         raise ShardError(path, f"format_version {version!r} is newer than this program reads "
                         f"({SPLITS_FORMAT_VERSION}): update python_task or run split again")
+    for key in TEST_LIST_KEYS:
+        if key in data and (not isinstance(data[key], list) or not all(isinstance(x, str) for x in data[key])):
+            raise bad(f"'{key}' must be a list of ids")
     slides = data.get("slides")
     if not isinstance(slides, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in slides.items()):
         raise bad("'slides' must map slide ids to patient ids")
@@ -267,42 +355,53 @@ def read_splits(splits_path: str | Path) -> dict:
         for key in FOLD_LIST_KEYS:
             if not isinstance(f.get(key), list) or not all(isinstance(x, str) for x in f[key]):
                 raise bad(f"fold {i}: '{key}' must be a list of ids")
+        for key in TUNE_LIST_KEYS:
+            if key in f and (not isinstance(f[key], list) or not all(isinstance(x, str) for x in f[key])):
+                raise bad(f"fold {i}: '{key}' must be a list of ids")
+        if ("tune_patients" in f) != ("tune_slides" in f):
+            raise bad(f"fold {i}: 'tune_patients' and 'tune_slides' go together")
         if "fold" in f and f["fold"] != i:
             raise bad(f"the entry at position {i} of 'folds' says it is fold {f['fold']!r}")
     return data
 
 
 def check_fold_leaks(data: Mapping, fold: int, path: str | Path) -> None:
-    """Refuse a fold whose two sides share a patient or a slide, or that puts a slide away from its patient."""
+    """Refuse a fold whose sides (training, tuning, validation, and the split's test set) share a patient or a
+    slide, that puts a slide away from its patient, or that leaves a slide out of every side."""
     f = data["folds"][fold]
     slides = data["slides"]
-    train_p, val_p = set(f["train_patients"]), set(f["val_patients"])
-    train_s, val_s = set(f["train_slides"]), set(f["val_slides"])
-    both = train_p & val_p
-    if both:
-        raise ShardError(path, f"{_plural('patient', len(both))} {_ids(both)} {'is' if len(both) == 1 else 'are'} in "
-                        f"both training and validation of fold {fold}: the split leaks")
-    both = train_s & val_s
-    if both:
-        raise ShardError(path, f"{_plural('slide', len(both))} {_ids(both)} {'is' if len(both) == 1 else 'are'} in "
-                        f"both training and validation of fold {fold}: the split leaks")
-    unknown = (train_s | val_s) - set(slides)
+    sides = {"training": (set(f["train_patients"]), set(f["train_slides"])),
+             "tuning": (set(f.get("tune_patients", [])), set(f.get("tune_slides", []))),
+             "validation": (set(f["val_patients"]), set(f["val_slides"])),
+             "test": (set(data.get("test_patients", [])), set(data.get("test_slides", [])))}
+    names = list(sides)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            for k, what in ((0, "patient"), (1, "slide")):
+                both = sides[a][k] & sides[b][k]
+                if both:
+                    where = f"{a} and {b} of fold {fold}" if b != "test" else f"{a} of fold {fold} and the test set"
+                    raise ShardError(path, f"{_plural(what, len(both))} {_ids(both)} "
+                                    f"{'is' if len(both) == 1 else 'are'} in both {where}: the split leaks")
+    placed = set().union(*(s for _, s in sides.values()))
+    unknown = placed - set(slides)
     if unknown:
         raise ShardError(path, f"fold {fold} lists {_plural('slide', len(unknown))} {_ids(unknown)} missing from "
                         "'slides' (slide -> patient): run split again")
-    for side, own, other, mine in (("training", train_s, val_p, train_p), ("validation", val_s, train_p, val_p)):
+    for side, (mine, own) in sides.items():
+        others = set().union(*(p for n, (p, _) in sides.items() if n != side))
         for s in sorted(own):
             p = slides[s]
-            if p in other:
+            if p in others:
                 raise ShardError(path, f"slide {s} is in {side} of fold {fold} but its patient {p} is on the other "
                                 "side: the split leaks")
             if p not in mine:
                 raise ShardError(path, f"slide {s} is in {side} of fold {fold} but its patient {p} is not: "
                                 "run split again")
-    unplaced = set(slides) - train_s - val_s
+    unplaced = set(slides) - placed
     if unplaced:
-        raise ShardError(path, f"fold {fold} places {_plural('slide', len(unplaced))} {_ids(unplaced)} in neither "
-                        "training nor validation: run split again")
+        raise ShardError(path, f"fold {fold} places {_plural('slide', len(unplaced))} {_ids(unplaced)} in none of "
+                        "training, tuning, validation and test: run split again")
 
 
 def check_shard_set(data: Mapping, rows: Sequence[Mapping], path: str | Path, shards_dir: Path) -> None:
@@ -344,14 +443,18 @@ def load_fold(splits_path: str | Path, shards_dir: str | Path, fold: int) -> Fol
     check_shard_set(data, rows, path, shards_dir)
     f = data["folds"][fold]
     shard_of = {r["slide_id"]: r["shard"] for r in rows}
-    for s in sorted(set(f["train_slides"]) | set(f["val_slides"])):
+    for s in sorted(set(f["train_slides"]) | set(f["val_slides"]) | set(f.get("tune_slides", []))):
         if not (shards_dir / shard_of[s]).is_file():
             raise ShardError(shards_dir / shard_of[s], f"shard of slide {s} is listed in {MANIFEST_NAME} but missing: "
                             "run extract again, then split")
     return FoldAssignment(fold=fold, train_slides=tuple(sorted(f["train_slides"])),
                           val_slides=tuple(sorted(f["val_slides"])), train_patients=tuple(sorted(f["train_patients"])),
-                          val_patients=tuple(sorted(f["val_patients"])))
+                          val_patients=tuple(sorted(f["val_patients"])),
+                          tune_slides=tuple(sorted(f.get("tune_slides", []))),
+                          tune_patients=tuple(sorted(f.get("tune_patients", []))),
+                          test_patients=tuple(sorted(data.get("test_patients", []))),
+                          format_version=int(data.get("format_version", 1)))
 
 
 __all__ = ["FoldAssignment", "load_fold", "make_splits", "write_splits", "read_splits", "patient_diagnoses",
-           "positive_class"]
+           "positive_class", "check_shard_set", "SPLITS_FORMAT_VERSION"]

@@ -1,13 +1,18 @@
 """``demo``: the whole chain on the embedded default, a synthetic cohort, in a few minutes on a laptop.
 
-synth -> extract -> split (3 folds) -> sweep (2 architectures x 2 stain choices x 3 folds) -> report -> predict
-(the best configuration's model on a slide of each class). Every stage is resumable, so a re-run after an
-interruption continues where it stopped.
+synth (12 patients, 6 of each diagnosis) -> extract (64-px tiles at 1 µm/px) -> split (3 folds: every fold
+validates on 2 malignant and 2 benign patients and tunes on 1 + 1 of its training patients) -> sweep (2
+architectures x 2 stain choices x 3 folds, ``train``'s defaults otherwise) -> report -> predict: the best
+configuration of the report (highest mean patient AUC, ties by tile AUC) drawn on two slides that its model never
+saw: a malignant and a benign slide of the held-out patients of one of its folds (a malignant slide that also has
+a benign region when there is one), with that fold's model. The log says, per heat-map slide, the mean probability
+of its malignant and of its benign regions. Every stage is resumable, so a re-run after an interruption continues
+where it stopped.
 """
 
 from __future__ import annotations
 
-import csv
+import json
 import logging
 import math
 import os
@@ -19,14 +24,14 @@ import yaml
 
 from python_task.data.splits import make_splits, write_splits
 from python_task.errors import TaskError
-from python_task.experiments.report import make_report
+from python_task.experiments.report import make_report, read_results, summarize
 from python_task.experiments.sweep import run_sweep
 from python_task.fileio import write_text_atomic
 from python_task.inference.predict import predict_slide
 from python_task.shards.extract import extract_cohort
 from python_task.shards.params import ExtractParams
 from python_task.synth.cohort import generate_cohort
-from python_task.synth.config import SynthConfig
+from python_task.synth.config import MALIGNANT_CLASS, SynthConfig
 from python_task.wsi.cohort import SlideJob, read_cohort
 
 log = logging.getLogger(__name__)
@@ -34,24 +39,25 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DemoConfig:
-    patients: int = 6
-    slide_size: int = 3072
+    patients: int = 12
+    slide_size: int = 2048
     seed: int = 0
     folds: int = 3
     archs: tuple[str, ...] = ("simple_cnn", "unet_encoder")
     stains: tuple[str, ...] = ("none", "macenko")
     epochs: int = 3
     input_size: int = 64
-    tile_size: int = 128
+    tile_size: int = 64
     mpp: float = 1.0
-    jobs: int = 1
+    base_filters: int = 8
+    jobs: int = 2
 
 
 def demo_plan(cfg: DemoConfig) -> dict:
     return {"shards": "shards", "splits": "splits.json",
             "factors": {"arch": list(cfg.archs), "stain": list(cfg.stains), "fold": list(range(cfg.folds))},
-            "fixed": {"epochs": cfg.epochs, "input_size": cfg.input_size, "batch_size": 32, "lr": 0.001,
-                      "augment": "flip,rot90", "base_filters": 8, "seed": cfg.seed, "patience": 0}}
+            "fixed": {"epochs": cfg.epochs, "input_size": cfg.input_size, "base_filters": cfg.base_filters,
+                      "seed": cfg.seed}}
 
 
 def _stage(name: str) -> float:
@@ -85,6 +91,10 @@ def run_demo(out_dir: str | os.PathLike[str], cfg: DemoConfig | None = None) -> 
     if not splits.exists():
         write_splits(make_splits(out / "shards", cfg.folds, seed=cfg.seed), splits)
     outputs["splits"] = splits
+    for fold in json.loads(splits.read_text())["folds"]:
+        if min(fold["val_diagnoses"].get(d, 0) for d in ("benign", "malignant")) < 2:
+            log.warning("fold %d validates on %s patients: fewer than 2 of a diagnosis, its patient AUC says "
+                        "little (use more `patients`)", fold["fold"], fold["val_diagnoses"])
 
     plan = out / "plan.yaml"
     write_text_atomic(plan, yaml.safe_dump(demo_plan(cfg), sort_keys=False))
@@ -96,38 +106,73 @@ def run_demo(out_dir: str | os.PathLike[str], cfg: DemoConfig | None = None) -> 
     _stage("report")
     outputs["report"] = make_report(sweep.results_csv, out / "report")
 
-    _stage("predict: heat-maps with the best configuration's model")
-    best = best_point(sweep.results_csv)
-    if best is not None:
-        for job in pick_slides(cohort_csv):
+    _stage("predict: heat-maps of held-out slides with the best configuration's model")
+    choice = heatmap_choice(sweep.results_csv, cohort_csv, splits)
+    if choice is not None:
+        point, jobs = choice
+        for job in jobs:
             target = out / "heatmaps" / job.slide_id
             if not (target / "slide.json").exists():
-                predict_slide(out / "sweep" / best["out_dir"] / "model.keras", job.slide_path, target,
+                predict_slide(out / "sweep" / point["out_dir"] / "model.keras", job.slide_path, target,
                               annotations=job.annotation_path, progress=False)
+            log.info("%s", heatmap_line(job, point, json.loads((target / "slide.json").read_text())))
             outputs[f"heatmap {job.slide_id} ({job.diagnosis})"] = target / "heatmap.png"
 
     log.info("\ndemo finished in %.0f s. Outputs:", time.perf_counter() - t_all)
     return outputs
 
 
-def best_point(results_csv: Path) -> dict | None:
-    """The successful point with the highest patient-level AUC (tile AUC breaks ties)."""
-    with open(results_csv, newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if r.get("status") == "ok"]
-
-    def key(r: dict) -> tuple[float, float]:
-        vals = []
-        for k in ("val_patient_auc", "val_auc"):
-            v = float(r.get(k) or "nan")
-            vals.append(v if math.isfinite(v) else -1.0)
-        return vals[0], vals[1]
-
-    return max(rows, key=key) if rows else None
+def best_configuration(results_csv: Path) -> list[dict]:
+    """The completed points of the report's best configuration (highest mean patient AUC, ties by tile AUC), by
+    fold."""
+    rows = read_results(results_csv)
+    summary = summarize(rows)
+    best = next((r for r in summary if r["n_completed"]), None)
+    if best is None:
+        return []
+    factors = [k for k in best if k in rows[0] and k not in ("fold", "seed", "rank")]
+    points = [r for r in rows if r.get("status") == "ok" and all(r.get(f) == best[f] for f in factors)]
+    return sorted(points, key=lambda r: r.get("fold", 0))
 
 
-def pick_slides(cohort_csv: Path) -> list[SlideJob]:
-    """One slide of each diagnosis."""
-    picked = {}
-    for job in read_cohort(cohort_csv):
-        picked.setdefault(job.diagnosis, job)
-    return [picked[d] for d in sorted(picked)]
+def heatmap_choice(results_csv: Path, cohort_csv: Path, splits: Path) -> tuple[dict, list[SlideJob]] | None:
+    """A point of the best configuration and two slides of its held-out patients, one malignant and one benign:
+    the first fold whose held-out malignant slides include one with a benign region too (so the heat-map shows
+    both classes on one slide), else the first fold with both diagnoses."""
+    jobs = read_cohort(cohort_csv)
+    folds = {f["fold"]: f for f in json.loads(splits.read_text())["folds"]}
+    choices = []
+    for point in best_configuration(results_csv):
+        held_out = set(folds[int(point["fold"])]["val_patients"])
+        mine = [j for j in jobs if j.patient_id in held_out]
+        malignant = sorted((j for j in mine if j.diagnosis == "malignant"),
+                           key=lambda j: (not _has_benign_region(j), j.slide_id))
+        benign = [j for j in mine if j.diagnosis == "benign"]
+        if malignant and benign:
+            choices.append((not _has_benign_region(malignant[0]), len(choices), point, [malignant[0], benign[0]]))
+    if not choices:
+        return None
+    _, _, point, picked = min(choices, key=lambda c: (c[0], c[1]))
+    return point, picked
+
+
+def _has_benign_region(job: SlideJob) -> bool:
+    features = json.loads(Path(job.annotation_path).read_text())["features"]
+    return any(f["properties"]["classification"]["name"] != MALIGNANT_CLASS for f in features)
+
+
+def heatmap_line(job: SlideJob, point: dict, summary: dict) -> str:
+    """What a heat-map shows, in numbers: the mean probability of the slide's malignant and benign regions."""
+    classes = summary.get("classes") or {}
+
+    def mean(malignant: bool) -> float:
+        tiles = [(c["n_tiles"], c["mean_probability"]) for name, c in classes.items()
+                 if (name == MALIGNANT_CLASS) == malignant and c["n_tiles"] and c["mean_probability"] is not None]
+        n = sum(t for t, _ in tiles)
+        return sum(t * m for t, m in tiles) / n if n else math.nan
+
+    parts = [f"{what} regions {value:.3f}" for what, value in (("malignant", mean(True)), ("benign", mean(False)))
+             if math.isfinite(value)]
+    return (f"heat-map {job.slide_id} ({job.diagnosis}, a held-out patient of fold {point['fold']}): mean probability "
+            f"of {', '.join(parts)}; slide score {summary['slide_score']:.3f}, called "
+            f"{summary['predicted_diagnosis']} at threshold {summary['threshold']:.3f}")

@@ -18,9 +18,18 @@ last completed row counts, else the last row; the report says how many rows were
 A point is failed when its ``status`` is not ``ok``; without a ``status`` column, when ``exitCode`` (or
 ``returnValue``) is non-zero; and in any case when every metric is NaN. Failed points are listed in the report,
 never fatal. Means, standard deviations (ddof=1) and 95 % t-intervals of each metric are taken over a
-configuration's completed points with a finite value of that metric. Configurations are ranked by the mean of the
-ranking metric (``val_patient_auc`` by default): highest first, or lowest first for ``*loss`` / ``*seconds``;
-NaN last.
+configuration's completed points with a finite value of that metric; an interval is clipped to the metric's range
+(:func:`metric_range`: an AUC's never leaves [0, 1]). Configurations are ranked by the mean of the ranking metric
+(``val_patient_auc`` by default): highest first, or lowest first for ``*loss`` / ``*seconds``; NaN last; equal
+means by the mean tile AUC (:func:`tie_breaker`).
+
+What a number is worth: beside the patient- and slide-level figures the ranking shows how many patients (and
+slides) of each class lie behind them (``n_val_patients_pos`` / ``_neg`` ... of ``train``'s metrics, summed over
+the folds, with the fewest of one fold); a warning lists every fold with fewer than 2 validation patients of a
+class; a line says that the best of N configurations is an optimistic estimate (chosen on the same folds it is
+reported on) and where the test-set figure is. The best configuration's patient AUC over all its folds' patients
+pooled gets a percentile-bootstrap interval over patients (from the points' ``predictions.csv``). Test-set
+evaluations (``evaluate`` output folders, ``tests``) are shown in their own section, apart from the ranking.
 
 The HTML is a single static page (inline CSS, no JavaScript) with ``<img>`` links to PNGs in the same folder:
 ``auc_by_arch.png`` (box plot of patient-level AUC per architecture, or per configuration without an ``arch``
@@ -47,7 +56,7 @@ import numpy as np
 
 from python_task.errors import ConfigError, TaskError
 from python_task.fileio import atomic_path, write_csv_atomic, write_text_atomic
-from python_task.training.metrics import CONTRACT_METRICS, aggregate
+from python_task.training.metrics import CONTRACT_METRICS, RESULT_METRICS, aggregate, bootstrap_interval
 
 FACTOR_EXCLUDE = {"fold", "seed"}
 BOOKKEEPING = {"status", "error", "out_dir", "outdir", "exitcode", "returnvalue", "point_id", "pointid", "stdout",
@@ -66,7 +75,7 @@ MAX_BOXES = 40
 
 def column_kind(name: str) -> str:
     """``"metric"``, ``"bookkeeping"`` or ``"factor"``."""
-    if name in CONTRACT_METRICS or name.startswith("val_"):
+    if name in RESULT_METRICS or name.startswith(("val_", "tune_", "n_val_", "n_tune_")):
         return "metric"
     low = name.lower()
     if low in BOOKKEEPING or low.startswith("openmole") or low.endswith("seconds") or low.endswith("duration"):
@@ -313,8 +322,19 @@ def _norm_factor(value: Any) -> Any:
     return value
 
 
-def describe(values: Sequence[float]) -> dict[str, float]:
-    """Mean, std (ddof=1), and the 95 % t-interval of the finite values; NaN where undefined."""
+def metric_range(metric: str) -> tuple[float, float]:
+    """The values a metric can take: [0, 1] for AUCs, accuracies, rates, F1 and the threshold; [0, inf) for
+    losses, counts and times; anything for an unknown column."""
+    if metric.endswith(("loss", "seconds")) or metric.startswith("n_") or metric in ("epochs_run", "best_epoch"):
+        return 0.0, math.inf
+    if metric in RESULT_METRICS or metric.startswith(("val_", "tune_")):
+        return 0.0, 1.0
+    return -math.inf, math.inf
+
+
+def describe(values: Sequence[float], bounds: tuple[float, float] = (-math.inf, math.inf)) -> dict[str, float]:
+    """Mean, std (ddof=1), and the 95 % t-interval of the finite values, clipped to ``bounds`` (the metric's
+    range: an AUC's interval never leaves [0, 1]); NaN where undefined."""
     from scipy import stats
 
     x = np.asarray([v for v in values if math.isfinite(v)], dtype=float)
@@ -324,7 +344,8 @@ def describe(values: Sequence[float]) -> dict[str, float]:
         return {"mean": mean, "std": math.nan, "ci_low": math.nan, "ci_high": math.nan}
     std = float(x.std(ddof=1))
     half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * std / math.sqrt(n)
-    return {"mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half}
+    low, high = bounds
+    return {"mean": mean, "std": std, "ci_low": max(low, mean - half), "ci_high": min(high, mean + half)}
 
 
 def _summary_rows(an: Analysis) -> list[dict[str, Any]]:
@@ -339,19 +360,31 @@ def _summary_rows(an: Analysis) -> list[dict[str, Any]]:
         row.update(n_points=len(pts), n_completed=len(done), n_folds_completed=folds,
                    n_failed=len(pts) - len(done))
         for m in an.metrics:
-            for stat, value in describe([p.metrics[m] for p in done]).items():
+            for stat, value in describe([p.metrics[m] for p in done], metric_range(m)).items():
                 row[f"{m}_{stat}"] = value
         out.append(row)
-    sign = -1.0 if higher_is_better(an.metric) else 1.0
-    key_col = f"{an.metric}_mean"
+    def key(metric: str | None, r: dict[str, Any]) -> tuple[bool, float]:
+        v = r.get(f"{metric}_mean", math.nan) if metric else math.nan
+        sign = -1.0 if higher_is_better(metric or "") else 1.0
+        return (math.isnan(v), sign * round(v, 9) if not math.isnan(v) else 0.0)
+
+    second = tie_breaker(an)
 
     def order(r: dict[str, Any]) -> tuple:
-        v = r[key_col]
-        return (math.isnan(v), sign * v if not math.isnan(v) else 0.0, -r["n_completed"],
+        return (*key(an.metric, r), *key(second, r), -r["n_completed"],
                 tuple(_sort_key(r[f]) for f in an.config_factors))
 
     out.sort(key=order)
     return [{"rank": i + 1, **r} for i, r in enumerate(out)]
+
+
+def tie_breaker(an: Analysis) -> str | None:
+    """The metric that orders configurations whose ranking metric is equal: the tile AUC, or the patient AUC
+    when the tile AUC ranks."""
+    for m in ("val_auc", "val_patient_auc"):
+        if m != an.metric and m in an.metrics:
+            return m
+    return None
 
 
 def summarize(rows: Sequence[Mapping[str, Any]], *, metric: str = "val_patient_auc") -> list[dict[str, Any]]:
@@ -360,8 +393,9 @@ def summarize(rows: Sequence[Mapping[str, Any]], *, metric: str = "val_patient_a
     Keys: ``rank``, the configuration's factor values, ``n_points``, ``n_completed``, ``n_folds_completed``
     (distinct folds among completed points; completed points when there is no ``fold`` column), ``n_failed``,
     and for each metric ``<m>_mean``, ``<m>_std`` (ddof=1; NaN when fewer than 2 values), ``<m>_ci_low``,
-    ``<m>_ci_high`` (95 % t-interval; NaN when fewer than 2 values), over completed points with a finite value.
-    A configuration whose points all failed has NaN statistics and comes last.
+    ``<m>_ci_high`` (95 % t-interval clipped to the metric's range; NaN when fewer than 2 values), over completed
+    points with a finite value. Equal means of ``metric`` are ordered by :func:`tie_breaker`'s metric. A
+    configuration whose points all failed has NaN statistics and comes last.
     """
     if not rows:
         return []
@@ -613,6 +647,86 @@ def _roc(y: np.ndarray, scores: np.ndarray, what: str, notes: list[str]):
     return fpr, tpr, float(roc_auc_score(y, scores))
 
 
+# --------------------------------------------------------------------------------------------- honesty
+
+
+def varying_or_all(an: Analysis) -> list[str]:
+    return an.varying_config_factors or an.config_factors
+
+
+def pooled_patient_auc(an: Analysis, config: tuple[Any, ...], base: Path) -> dict[str, Any] | None:
+    """The configuration's validation patients of every fold pooled (each scored by its own fold's model, the mean
+    probability of its tiles): patient AUC and its percentile-bootstrap interval over patients; None without
+    ``predictions.csv`` files or a patient of each class."""
+    labels, probs, patients = [], [], []
+    for i, p in enumerate(x for x in an.groups.get(config, []) if not x.failed):
+        out_value = next((str(p.row[k]) for k in ("out_dir", "outDir", "outdir") if p.row.get(k)), "")
+        folder = _resolve_out_dir(out_value, base)
+        if folder is None:
+            return None
+        try:
+            y, q, ids = read_predictions(folder / "predictions.csv")
+        except (OSError, ValueError, csv.Error):
+            return None
+        if ids is None:
+            return None
+        labels.append(y.astype(int))
+        probs.append(q)
+        patients += [f"{i}/{pid}" for pid in ids]  # a patient id per point: folds never share one anyway
+    if not labels:
+        return None
+    y, q = np.concatenate(labels), np.concatenate(probs)
+    _, scores, patient_labels = aggregate(q, y, patients)
+    if len(np.unique(patient_labels)) < 2:
+        return None
+    from python_task.training.metrics import auc
+
+    low, high = bootstrap_interval(y, q, patients, "patient_auc")
+    return {"auc": auc(patient_labels, scores), "ci_low": low, "ci_high": high,
+            "pos": int(patient_labels.sum()), "neg": int(len(patient_labels) - patient_labels.sum())}
+
+
+TEST_ROWS = (("test_auc", "tile AUC"), ("test_patient_auc", "patient AUC"), ("test_slide_auc", "slide AUC"),
+             ("test_balanced_accuracy", "tile balanced accuracy at the model's threshold"),
+             ("test_patient_accuracy", "patient accuracy at the model's threshold"), ("threshold", "threshold"))
+
+
+def _tests_html(folders: Sequence[Path]) -> tuple[str, str]:
+    """The test-set section and the sentence the optimism line ends with."""
+    if not folders:
+        return ('<p class="note" id="no-test">No test-set evaluation given. Hold patients out of every fold with '
+                "<code>split --test-fraction 0.2</code>, train the chosen configuration on that split, score it "
+                "once with <code>evaluate</code> and pass its folder with <code>report --test DIR</code>.</p>",
+                "No test-set figure is given with this report: the unbiased estimate needs patients that no fold "
+                "and no choice touched (split --test-fraction, then evaluate).")
+    import json
+
+    parts, names = [], []
+    for folder in folders:
+        path = folder / "test_metrics.json"
+        try:
+            m = {k: _to_float(v) for k, v in json.loads(path.read_text()).items()}
+            record = json.loads((folder / "evaluation.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise TaskError(path, f"not an evaluate output ({exc})") from None
+        names.append(folder.name)
+        rows = []
+        for key, label in TEST_ROWS:
+            value = m.get(key, math.nan)
+            low, high = m.get(f"{key}_ci_low", math.nan), m.get(f"{key}_ci_high", math.nan)
+            ci = f"[{low:.3f}, {high:.3f}]" if math.isfinite(low) and math.isfinite(high) else ""
+            rows.append([(label, ""), (_fmt_metric(value, key), "num"), (ci, "num")])
+        behind = (f"{m.get('n_test_patients_pos', math.nan):.0f} malignant and {m.get('n_test_patients_neg', math.nan):.0f} "
+                  f"benign patients ({m.get('n_test_slides', math.nan):.0f} slides, "
+                  f"{m.get('n_test_tiles', math.nan):.0f} tiles)")
+        parts.append(f'<h3>{_e(folder)}</h3><p class="note">Model {_e(record.get("model", "?"))}, scored once on '
+                     f"{_e(behind)} that no fold trained, tuned or validated on. Intervals: 95% percentile "
+                     "bootstrap over patients.</p>" + _table(f"test-{len(parts)}", ["metric", "value", "95% CI"],
+                                                             rows))
+    return ('<div id="tests">' + "\n".join(parts) + "</div>",
+            f"The test-set figure, on patients no fold touched, is under Test set below ({', '.join(names)}).")
+
+
 # --------------------------------------------------------------------------------------------- HTML
 
 CSS = """
@@ -651,11 +765,67 @@ def _img(name: str, alt: str, caption: str) -> str:
             f"<figcaption>{_e(caption)}</figcaption></figure>")
 
 
+PATIENTS_BEHIND = "validation patients behind it (M malignant + B benign)"
+SLIDES_BEHIND = "validation slides behind it"
+
+
+def chance_of_perfect(pos: int, neg: int) -> int:
+    """1 / the probability that a model ranking ``pos`` malignant and ``neg`` benign patients at random reaches an
+    AUC of 1: C(pos + neg, pos)."""
+    return math.comb(pos + neg, pos)
+
+
+def _behind(an: Analysis, config: tuple[Any, ...], level: str) -> str:
+    """How many validation patients (``level`` patients) or slides of each class lie behind a configuration's
+    patient- or slide-level figures: summed over its completed folds, and the fewest of one fold."""
+    pos, neg = f"n_val_{level}_pos", f"n_val_{level}_neg"
+    if pos not in an.metrics or neg not in an.metrics:
+        return "n/a"
+    pts = [p for p in an.groups.get(config, []) if not p.failed]
+    counts = [(p.metrics[pos], p.metrics[neg]) for p in pts if math.isfinite(p.metrics[pos])
+              and math.isfinite(p.metrics[neg])]
+    if not counts:
+        return "n/a"
+    total = f"{sum(c[0] for c in counts):.0f} M + {sum(c[1] for c in counts):.0f} B"
+    if len(counts) == 1:
+        return total
+    few = min(counts, key=lambda c: (min(c), sum(c)))
+    return f"{total} ({len(counts)} folds; fewest {few[0]:.0f} M + {few[1]:.0f} B)"
+
+
+def _chance_note(an: Analysis) -> str:
+    """What a perfect patient AUC on so few patients is worth: how often a useless model reaches it."""
+    if "n_val_patients_pos" not in an.metrics or "n_val_patients_neg" not in an.metrics:
+        return ""
+    counts = {(int(p.metrics["n_val_patients_pos"]), int(p.metrics["n_val_patients_neg"])) for p in an.points
+              if not p.failed and math.isfinite(p.metrics["n_val_patients_pos"])
+              and math.isfinite(p.metrics["n_val_patients_neg"]) and min(p.metrics["n_val_patients_pos"],
+                                                                         p.metrics["n_val_patients_neg"]) >= 1}
+    if not counts:
+        return ""
+    pos, neg = min(counts, key=lambda c: chance_of_perfect(*c))
+    return (f'<p class="note" id="chance">A fold\'s patient AUC rests on its few validation patients: with {pos} '
+            f"malignant and {neg} benign patients a model that ranks patients at random still scores a patient AUC "
+            f"of 1.000 once in {chance_of_perfect(pos, neg)} folds (1 / C({pos + neg}, {pos})). Read the tile AUC "
+            "beside it, and the pooled patient AUC of the best configuration below.</p>")
+
+
+def _few_patients(an: Analysis) -> list[Point]:
+    """Completed points whose validation fold has fewer than 2 patients of a class."""
+    if "n_val_patients_pos" not in an.metrics or "n_val_patients_neg" not in an.metrics:
+        return []
+    return [p for p in an.points if not p.failed and min(p.metrics["n_val_patients_pos"],
+                                                          p.metrics["n_val_patients_neg"]) < 2]
+
+
 def _ranking_html(an: Analysis, shown: Sequence[str]) -> str:
     m = an.metric
-    header = ["rank", *shown, "folds completed", "failed points", f"{m} mean ± std", f"{m} 95% CI"]
+    header = ["rank", *shown, "folds completed", "failed points", f"{m} mean ± std",
+              f"{m} 95% CI (t, clipped to the range)", PATIENTS_BEHIND]
     extra = [t for t in TABLE_METRICS if t in an.metrics and t != m]
     header += [f"{t} (mean)" for t in extra]
+    header.insert(header.index("val_slide_auc (mean)") + 1 if "val_slide_auc (mean)" in header else len(header),
+                  SLIDES_BEHIND)
     rows, classes = [], []
     for r in an.summary:
         mean, std = r[f"{m}_mean"], r[f"{m}_std"]
@@ -663,8 +833,15 @@ def _ranking_html(an: Analysis, shown: Sequence[str]) -> str:
         ci = "n/a" if math.isnan(r[f"{m}_ci_low"]) else \
             f"[{_fmt_metric(r[f'{m}_ci_low'], m)}, {_fmt_metric(r[f'{m}_ci_high'], m)}]"
         cells = [(str(r["rank"]), "num")] + [(_display(r[f]), "") for f in shown]
-        cells += [(f"{r['n_folds_completed']}", "num"), (str(r["n_failed"]), "num"), (ms, "num"), (ci, "num")]
-        cells += [(_fmt_metric(r[f"{t}_mean"], t), "num") for t in extra]
+        config = tuple(r[f] for f in an.config_factors)
+        cells += [(f"{r['n_folds_completed']}", "num"), (str(r["n_failed"]), "num"), (ms, "num"), (ci, "num"),
+                  (_behind(an, config, "patients"), "")]
+        for t in extra:
+            cells.append((_fmt_metric(r[f"{t}_mean"], t), "num"))
+            if t == "val_slide_auc":
+                cells.append((_behind(an, config, "slides"), ""))
+        if "val_slide_auc" not in extra:
+            cells.append((_behind(an, config, "slides"), ""))
         rows.append(cells)
         classes.append("best" if r["rank"] == 1 and r["n_completed"] else "allfailed" if not r["n_completed"] else "")
     return _table("ranking", header, rows, classes)
@@ -704,8 +881,9 @@ def _nan_html(an: Analysis, shown: Sequence[str]) -> str:
 
 
 def make_report(results_csv: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
-                metric: str = "val_patient_auc") -> Path:
-    """Write ``summary.csv``, the PNG figures and ``report.html`` (last) into ``out_dir``; return the HTML path."""
+                metric: str = "val_patient_auc", tests: Sequence[str | os.PathLike[str]] = ()) -> Path:
+    """Write ``summary.csv``, the PNG figures and ``report.html`` (last) into ``out_dir``; return the HTML path.
+    ``tests``: ``evaluate`` output folders, shown apart from the cross-validation ranking."""
     results_csv = Path(results_csv)
     out = Path(out_dir)
     rows = read_results(results_csv)
@@ -721,10 +899,32 @@ def make_report(results_csv: str | os.PathLike[str], out_dir: str | os.PathLike[
     constant = [f for f in an.config_factors if f not in varying]
     n_failed = sum(p.failed for p in an.points)
     body: list[str] = [f"<h1>Sweep report: {_e(results_csv.name)}</h1>"]
+    second = tie_breaker(an)
     body.append(f'<p id="counts">{len(an.points)} points, {len(an.summary)} configurations, '
                 f"{n_failed} failed points. Ranked by <b>{_e(metric)}</b> "
-                f"({'highest' if higher_is_better(metric) else 'lowest'} mean first); mean ± standard deviation "
-                f"and 95% t-interval over completed folds.</p>")
+                f"({'highest' if higher_is_better(metric) else 'lowest'} mean first"
+                f"{f'; equal means by the mean {_e(second)}' if second else ''}); mean ± standard deviation "
+                f"and 95% t-interval over completed folds, clipped to the metric's range (an AUC's stays in "
+                f"[0, 1]).</p>")
+    tests_html, test_note = _tests_html([Path(t) for t in tests])
+    n_configs = sum(1 for r in an.summary if r["n_completed"])
+    body.append(f'<p class="warn" id="optimism">The best of {n_configs} configurations is an optimistic estimate: '
+                "it was chosen because its mean was the highest on these same folds, so part of its lead is luck "
+                "of the folds, the more so the more configurations and the fewer patients. Within each point, "
+                "train chose the epoch and the threshold on a tuning set, never on the validation fold it reports "
+                f"(selection_tuned 1; 0 = the fixed rule). {test_note}</p>")
+    few = _few_patients(an)
+    if few:
+        items = "; ".join(f"line {p.line}: " + _config_label(an, p.row, [*varying_or_all(an), "fold"]) +
+                          f" ({p.metrics['n_val_patients_pos']:.0f} malignant, {p.metrics['n_val_patients_neg']:.0f}"
+                          " benign)" for p in few[:20]) + (" ..." if len(few) > 20 else "")
+        body.append(f'<p class="warn" id="few-patients">{len(few)} point(s) validated on a fold with fewer than 2 '
+                    "patients of a class: their patient AUC rests on a handful of patient pairs (each pair moves "
+                    f"it by 1 / (malignant x benign)) or is undefined: {_e(items)}.</p>")
+    elif "n_val_patients_pos" not in an.metrics:
+        body.append('<p class="note" id="few-patients">The table has no patient counts (n_val_patients_pos, '
+                    "n_val_patients_neg: a table from before they were recorded, or an OpenMOLE table without "
+                    "them): the patients behind each figure cannot be shown.</p>")
     body.append(f'<p class="note">Source: {_e(results_csv.resolve())}. Full table: '
                 f'<a href="summary.csv">summary.csv</a>.</p>')
     if constant and varying:
@@ -739,6 +939,7 @@ def make_report(results_csv: str | os.PathLike[str], out_dir: str | os.PathLike[
 
     body.append("<h2>Ranking</h2>")
     body.append(_ranking_html(an, shown))
+    body.append(_chance_note(an))
     body.append("<h2>Failed points and missing metrics</h2>")
     body.append(_failed_html(an, shown))
     body.append(_nan_html(an, shown))
@@ -769,6 +970,14 @@ def make_report(results_csv: str | os.PathLike[str], out_dir: str | os.PathLike[
         body.append(f"<p>Best configuration (rank {best['rank']}): "
                     f"{_e(_config_label(an, best, shown) if shown else 'the only one')}.</p>")
         roc_path, notes = plot_roc(an, config, results_csv.parent, out / "roc_best.png")
+        pooled = pooled_patient_auc(an, config, results_csv.parent)
+        if pooled is not None:
+            body.append(f'<p id="pooled">Patient AUC of the best configuration with every fold\'s validation '
+                        f"patients pooled (each scored by its fold's model): {pooled['auc']:.3f}, 95% bootstrap "
+                        f"interval over patients [{pooled['ci_low']:.3f}, {pooled['ci_high']:.3f}], from "
+                        f"{pooled['pos']} malignant and {pooled['neg']} benign patients (a random ranking of that "
+                        f"many patients scores 1.000 once in {chance_of_perfect(pooled['pos'], pooled['neg']):,}; "
+                        "the interval cannot show the uncertainty of a perfect separation).</p>")
         if roc_path is None:
             body.append('<p class="warn" id="no-roc">No validation predictions (predictions.csv) found for the '
                         "best configuration: no ROC curve.</p>")
@@ -778,6 +987,9 @@ def make_report(results_csv: str | os.PathLike[str], out_dir: str | os.PathLike[
                              "probability of the patient's tiles (right)."))
         if notes:
             body.append('<ul class="note">' + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>")
+
+    body.append("<h2>Test set</h2>")
+    body.append(tests_html)
 
     page = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f"<title>Sweep report: {_e(results_csv.name)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"

@@ -2,8 +2,9 @@
 
 Each point runs as the same command line the OpenMOLE container runs (``python -m python_task train ...``), in
 its own process, sequentially or ``jobs`` at a time. After each point ``results.csv`` is rewritten (atomically)
-with one row per point: the factor columns, the contract's metric columns, ``status``, ``error``, ``out_dir``
-and the timing columns. Re-running the same plan skips the points already finished; failed points are retried.
+with one row per point: the factor columns, the contract's metric columns and the selection and patient-count
+columns (:data:`~python_task.training.metrics.RESULT_METRICS`), ``status``, ``error``, ``out_dir`` and the timing
+columns. Re-running the same plan skips the points already finished; failed points are retried.
 This is not a scheduler: anything beyond one machine is OpenMOLE's job.
 
 The plan is checked in full before the first point runs (:func:`check_plan`): every value of every factor is
@@ -64,7 +65,7 @@ from python_task.fileio import (
 from python_task.runtime import PARENT_PID_ENV
 from python_task.shards.manifest import digest_rows, read_manifest
 from python_task.training.config import TrainOption, config_from_options, train_options
-from python_task.training.metrics import CONTRACT_METRICS
+from python_task.training.metrics import RESULT_METRICS
 
 log = logging.getLogger(__name__)
 
@@ -349,7 +350,7 @@ class PointResult:
     def row(self) -> dict[str, Any]:
         train_s = self.metrics.get("train_seconds", float("nan"))
         row: dict[str, Any] = {k: _csv_value(v) for k, v in self.point.items()}
-        row.update({m: self.metrics.get(m, float("nan")) for m in CONTRACT_METRICS})
+        row.update({m: self.metrics.get(m, float("nan")) for m in RESULT_METRICS})
         row.update(status=self.status, error=self.error, point_id=self.point_id, out_dir=self.out_dir,
                    wall_seconds=round(self.wall_seconds, 3),
                    overhead_seconds=round(self.wall_seconds - train_s, 3) if self.status == "ok" else float("nan"))
@@ -464,7 +465,7 @@ def _run_points(plan: Plan, out: Path, jobs: int, progress: bool) -> SweepReport
             and (out / r["out_dir"] / "metrics.json").exists()}
     rows: dict[str, dict[str, Any]] = {pid: row for pid, row in done.items()}
     todo = [p for p in points if point_id(p) not in done]
-    columns = plan.factor_names() + list(CONTRACT_METRICS) + list(BOOKKEEPING)
+    columns = plan.factor_names() + list(RESULT_METRICS) + list(BOOKKEEPING)
     lock = threading.Lock()
     threads = max(1, (os.cpu_count() or 1) // jobs)
     if progress:

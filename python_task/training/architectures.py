@@ -15,7 +15,24 @@ PREPROCESSING_MODES: dict[str, str] = {
     "caffe": "RGB -> BGR, minus the ImageNet mean (0-255 scale)",
     "torch": "(x / 255 - ImageNet mean) / ImageNet std",
     "raw": "x unchanged (the backbone rescales by itself)",
+    "tile": "per tile and channel: (x / 255 - tile mean) / (tile std + 0.02); removes each slide's stain offset "
+            "and contrast, keeps its hue",
+    "grey": "per tile: grey = mean of R, G, B (x / 255), then (grey - tile mean) / (tile std + 0.02), repeated on "
+            "the 3 channels; removes each slide's stain: hue, offset and contrast",
 }
+# Input scaling a run may ask for (``TrainConfig.input_scaling``): ``grey`` and ``tile`` (the modes above),
+# ``architecture`` (the entry's own ``preprocessing``, what pretrained weights expect), ``auto`` (architecture for
+# a keras.applications backbone with pretrained weights, else grey).
+INPUT_SCALINGS = ("auto", "grey", "tile", "architecture")
+
+
+def resolve_input_scaling(arch: str, input_scaling: str, pretrained: bool) -> str:
+    """The preprocessing mode a model gets: see :data:`INPUT_SCALINGS`."""
+    if input_scaling in ("grey", "tile"):
+        return input_scaling
+    if input_scaling == "auto" and not pretrained:
+        return "grey"
+    return ARCHITECTURES[arch].preprocessing
 
 
 @dataclass(frozen=True)

@@ -45,8 +45,9 @@ class RunState:
     """What a resumed run needs besides the model: progress, early-stopping state, history."""
 
     epoch: int = 0  # epochs completed
-    best_auc: float = -math.inf
+    best_auc: float = -math.inf  # of the tuning set (the epoch chosen on it)
     best_epoch: int = -1
+    best_loss: float = math.inf  # the tuning loss of the best epoch: breaks ties of its AUC
     wait: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     train_seconds: float = 0.0
@@ -157,6 +158,7 @@ def read_state(ckpt: Path) -> RunState:
     """``state.json`` back: it is strict JSON, so a NaN (or the initial -inf best AUC) was written null."""
     saved = json.loads((ckpt / "state.json").read_text())
     return RunState(**{**saved, "best_auc": -math.inf if saved.get("best_auc") is None else saved["best_auc"],
+                       "best_loss": math.inf if saved.get("best_loss") is None else saved["best_loss"],
                        "history": [nan_for_null(row) for row in saved.get("history", [])]})
 
 

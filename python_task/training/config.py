@@ -21,7 +21,7 @@ from typing import Any
 from python_task.data.sampling import BALANCE_MODES
 from python_task.errors import ConfigError
 from python_task.settings import Setting, check_settings, setting, settings_of
-from python_task.training.architectures import ARCHITECTURES
+from python_task.training.architectures import ARCHITECTURES, INPUT_SCALINGS
 from python_task.transforms.augmentations import AUGMENT_ENGINES, AugmentOptions, as_options, parse_augment
 from python_task.transforms.stain import STAIN_METHODS
 
@@ -51,7 +51,8 @@ class TrainConfig:
     weight_decay: float = setting(0.0, help="weight decay", check=_NOT_NEGATIVE)
     dropout: float = setting(0.3, help="dropout before the classifier", check=(lambda v: 0 <= v < 1,
                                                                                 "must be in [0, 1)"))
-    augment: str = setting("none", help="comma-separated augmentations, e.g. flip,rot90,elastic,hed")
+    augment: str = setting("flip,rot90", help="comma-separated augmentations, e.g. flip,rot90,elastic,hed; none for "
+                           "none")
     augment_on: str = setting("auto", choices=AUGMENT_ENGINES,
                               help="where augmentation runs: pipeline = OpenCV in the reader threads, fast on a CPU; "
                                    "model = Keras layers on the backend's device; auto = model with a GPU, else "
@@ -63,6 +64,12 @@ class TrainConfig:
     freeze_backbone: bool = setting(False, help="train only the head")
     unfreeze_at: int = setting(0, help="epoch at which a frozen backbone is fine-tuned, 0 = never")
     input_size: int | None = setting(None, help="resize tiles to this size inside the model (default: tile size)")
+    input_scaling: str = setting("auto", choices=INPUT_SCALINGS,
+                                 help="input scaling inside the model: grey = each tile to grey and standardised "
+                                      "(the slide's stain, hue, intensity and contrast, cannot be a shortcut); "
+                                      "tile = each tile standardised per channel (keeps hue); architecture = the "
+                                      "backbone's own (ImageNet) scaling; auto = architecture for a "
+                                      "keras.applications backbone given `weights`, else grey")
     balance: str = setting("none", help="class balancing of training batches", choices=BALANCE_MODES)
     class_weights: bool = setting(False, help="weight the loss by inverse class frequency")
     patience: int = setting(5, help="early-stopping patience in epochs, 0 = off", check=_NOT_NEGATIVE)

@@ -1,5 +1,5 @@
-"""What one run reads: its fold's tile indexes, the batches (stain normalised, augmented in the pipeline when
-that is the engine) and the fitted stain normaliser."""
+"""What one run reads: its fold's tile indexes (training, tuning, validation), the batches (stain normalised,
+augmented in the pipeline when that is the engine) and the fitted stain normaliser."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from python_task.data.dataset import ChainTransform, ShardBatches, TileFetcher, TileIndex, build_index
-from python_task.data.splits import load_fold
+from python_task.data.splits import FoldAssignment, load_fold
 from python_task.errors import ShardError, TaskError
 from python_task.fileio import write_json_atomic
 from python_task.shards.manifest import MANIFEST_NAME, digest_rows, read_manifest
@@ -39,11 +39,15 @@ class RunData:
     normalizer: Any
     manifest_digest: str
     stain_transforms: list[StainTransform] = field(default_factory=list)
+    fold: FoldAssignment | None = None
+    tune_index: TileIndex | None = None  # None: the fold has no tuning set (train's fixed rule)
+    tune_batches: ShardBatches | None = None
 
     def reader_error(self) -> TaskError | None:
         """The first failure of a reader thread (a damaged shard), which the backend may have re-raised as its own
         exception type (TensorFlow: ``UnknownError``): re-raise this instead, it names the shard."""
-        return self.train_batches.error or self.val_batches.error
+        tune_error = self.tune_batches.error if self.tune_batches is not None else None
+        return self.train_batches.error or self.val_batches.error or tune_error
 
     def passthrough_fraction(self) -> float:
         """Fraction of the tiles normalised so far that passed through unchanged (background, no estimate)."""
@@ -60,6 +64,8 @@ def prepare_data(cfg: TrainConfig, start_epoch: int, engine: str = "model") -> R
     listed = {"manifest": {r["slide_id"]: r for r in rows}, "manifest_path": Path(cfg.shards) / MANIFEST_NAME}
     train_index = build_index(cfg.shards, fold.train_slides, **listed).sample(cfg.max_train_tiles, cfg.seed)
     val_index = build_index(cfg.shards, fold.val_slides, **listed).sample(cfg.max_val_tiles, cfg.seed + 1)
+    tune_index = build_index(cfg.shards, fold.tune_slides, **listed).sample(cfg.max_val_tiles, cfg.seed + 2) \
+        if fold.tune_slides else None
     if len(np.unique(train_index.labels)) < 2:
         raise ShardError(cfg.splits, f"fold {cfg.fold}: the training set has a single class "
                          f"({train_index.class_counts()}); a classifier cannot be trained")
@@ -75,8 +81,13 @@ def prepare_data(cfg: TrainConfig, start_epoch: int, engine: str = "model") -> R
                                  transform=transform, workers=cfg.workers, epoch=start_epoch, dtype=None)
     val_batches = ShardBatches(val_index, max(cfg.batch_size, VAL_BATCH_MIN), shuffle=False, seed=cfg.seed,
                                transform=val_stain, workers=cfg.workers, dtype=None)
+    tune_batches = None
+    if tune_index is not None:
+        tune_batches = ShardBatches(tune_index, max(cfg.batch_size, VAL_BATCH_MIN), shuffle=False, seed=cfg.seed,
+                                    transform=val_stain, workers=cfg.workers, dtype=None)
     return RunData(train_index, val_index, train_batches, val_batches, normalizer, digest_rows(rows),
-                   [t for t in (stain, val_stain) if t is not None])
+                   [t for t in (stain, val_stain) if t is not None], fold=fold, tune_index=tune_index,
+                   tune_batches=tune_batches)
 
 
 def load_or_fit_normalizer(cfg: TrainConfig, train_index: TileIndex) -> Normalizer | None:

@@ -1,8 +1,17 @@
 """``train``: one experiment point. Shards + a patient-level fold -> a trained model and its metrics.
 
-Outputs in ``out``: ``metrics.json`` (the contract's keys), ``model.keras`` (best epoch by validation AUC),
-``history.csv``, ``config.json`` (every resolved setting, library versions, the shards' manifest digest),
-``predictions.csv`` (validation tiles: slide, patient, coords, label, probability) and TensorBoard logs.
+**Selection never sees the held-out fold.** The network is fitted on the fold's training patients; after every
+epoch it predicts the fold's *tuning* patients (set aside by ``split``), and the epoch, early stopping and the
+decision threshold are chosen on them only (the epoch with the highest tuning tile AUC, ties to the lower tuning
+loss; the threshold by :func:`~python_task.training.metrics.choose_slide_threshold`). Then the held-out
+(validation) fold is predicted once, with that model and threshold: the ``val_*`` metrics. A fold without a
+tuning set (too few patients) uses the fixed rule: the last of ``epochs`` epochs (no early stopping), threshold
+0.5; one warning line says so, and ``metrics.json``'s ``selection_tuned`` is 0 (1 with a tuning set).
+
+Outputs in ``out``: ``metrics.json`` (the contract's keys and more), ``model.keras`` (the chosen epoch's model),
+``history.csv`` (per epoch: training loss and accuracy, tuning loss and AUC), ``config.json`` (every resolved
+setting, which patients served for what, library versions, the shards' manifest digest), ``predictions.csv``
+(held-out tiles: slide, patient, coords, label, probability) and TensorBoard logs.
 
 Every epoch ends with a checkpoint (``checkpoint/``): the same command on the same folder resumes after the last
 finished epoch, so a cluster job killed at its wall time loses at most one epoch. A finished folder is not
@@ -22,7 +31,6 @@ from pathlib import Path
 
 import keras
 import numpy as np
-from sklearn.metrics import roc_auc_score
 from sklearn.utils.class_weight import compute_class_weight
 from tqdm import tqdm
 
@@ -36,6 +44,7 @@ from python_task.fileio import (
     write_json_atomic,
 )
 from python_task.runtime import accelerator_present, library_versions
+from python_task.training.architectures import ARCHITECTURES, resolve_input_scaling
 from python_task.training.checkpoints import (
     CHECKPOINT_DIR,
     TRAIN_WRAPPER,
@@ -50,7 +59,14 @@ from python_task.training.checkpoints import (
 )
 from python_task.training.config import TrainConfig, comparable_settings
 from python_task.training.inputs import STAIN_FILE, RunData, prepare_data
-from python_task.training.metrics import binary_cross_entropy, evaluation_metrics
+from python_task.training.metrics import (
+    FIXED_THRESHOLD,
+    aggregate,
+    auc,
+    binary_cross_entropy,
+    choose_slide_threshold,
+    evaluation_metrics,
+)
 from python_task.training.models import build_model, count_params, unfreeze_backbone
 from python_task.training.scoring import predict_index
 from python_task.transforms.augment_layers import build_augmenter
@@ -61,7 +77,7 @@ log = logging.getLogger(__name__)
 ADAMW_WEIGHT_DECAY = 1e-4  # AdamW's decay when weight_decay is 0 (AdamW without decay would be Adam)
 SGD_MOMENTUM = 0.9  # Nesterov momentum of sgd
 FINE_TUNE_LR_FACTOR = 0.1  # the learning rate is scaled by this when a frozen backbone is unfrozen
-HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_auc", "seconds"]
+HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "tune_loss", "tune_auc", "seconds"]
 PREDICTION_COLUMNS = ["slide_id", "patient_id", "x", "y", "label", "prob"]
 
 
@@ -98,13 +114,16 @@ def _train(cfg: TrainConfig) -> dict[str, float]:
         # where augmentation runs, resolved once for the run: nothing runs (model) without augmentation
         engine = resolve_engine(cfg.augment_on, accelerator_present()) if cfg.augmentations else "model"
     data = prepare_data(cfg, state.epoch, engine)
+    warn_fixed_rule(cfg, data)
     if not resuming:
         model, train_model = build_training_model(cfg, data.train_index.tile_size, engine)
         compile_model(train_model, cfg, cfg.lr)
         write_json_atomic(cfg.out / "run_config.json", cfg.to_json())
     if cfg.verbose:
-        log.info("train %s fold %d: %d training tiles %s, %d validation tiles %s, %s", cfg.arch, cfg.fold,
-                 len(data.train_index), data.train_index.class_counts(), len(data.val_index),
+        tune = (f"{len(data.tune_index)} tuning tiles {data.tune_index.class_counts()}, "
+                if data.tune_index is not None else "no tuning set, ")
+        log.info("train %s fold %d: %d training tiles %s, %s%d held-out tiles %s, %s", cfg.arch, cfg.fold,
+                 len(data.train_index), data.train_index.class_counts(), tune, len(data.val_index),
                  data.val_index.class_counts(), policy)
     state = run_epochs(cfg, model, train_model, data, state, ckpt)
     metrics = finish_run(cfg, data, state, policy, t_start, engine)
@@ -136,7 +155,8 @@ def build_training_model(cfg: TrainConfig, tile_size: int, engine: str = "model"
     ``pipeline``)."""
     size = cfg.input_size or tile_size
     core = build_model(cfg.arch, size, dropout=cfg.dropout, weights=cfg.weights,
-                       freeze_backbone=cfg.freeze_backbone, base_filters=cfg.base_filters, seed=cfg.seed)
+                       freeze_backbone=cfg.freeze_backbone, base_filters=cfg.base_filters, seed=cfg.seed,
+                       preprocessing=input_scaling(cfg))
     if size != tile_size:
         inputs = keras.Input((tile_size, tile_size, 3), name="tile")
         x = keras.layers.Resizing(size, size, interpolation="bilinear", name="resize")(inputs)
@@ -150,6 +170,32 @@ def build_training_model(cfg: TrainConfig, tile_size: int, engine: str = "model"
         return model, model
     train_model = keras.Sequential([keras.Input((tile_size, tile_size, 3)), augmenter, model], name=TRAIN_WRAPPER)
     return model, train_model
+
+
+def input_scaling(cfg: TrainConfig) -> str:
+    """The preprocessing mode of the run's model (``input_scaling`` resolved: see :data:`INPUT_SCALINGS`)."""
+    pretrained = cfg.weights is not None and bool(ARCHITECTURES[cfg.arch].pretrained_file)
+    return resolve_input_scaling(cfg.arch, cfg.input_scaling, pretrained)
+
+
+def selection_rule(cfg: TrainConfig, data: RunData) -> str:
+    """How the epoch and the threshold are chosen, in words (``config.json``)."""
+    if data.tune_index is not None:
+        return (f"tuning set ({len(set(data.tune_index.patient_ids))} patients): the epoch with the highest tuning "
+                f"tile AUC{f', early stopping after {cfg.patience} epochs without a gain' if cfg.patience else ''}; "
+                "the threshold from the tuning slides' mean probabilities")
+    return f"fixed (no tuning set): the last of {cfg.epochs} epochs, threshold {FIXED_THRESHOLD}"
+
+
+def warn_fixed_rule(cfg: TrainConfig, data: RunData) -> None:
+    """One warning line when the fold has no tuning set."""
+    if data.tune_index is not None:
+        return
+    why = ("the split predates tuning sets (format_version 1): run split again to get them"
+           if data.fold is not None and data.fold.format_version < 2 else "too few training patients for one")
+    log.warning("fold %d has no tuning set (%s): the model is the last of `epochs` %d epochs (no early stopping) "
+                "and the threshold %s; metrics.json records selection_tuned 0", cfg.fold, why, cfg.epochs,
+                FIXED_THRESHOLD)
 
 
 def make_optimizer(cfg: TrainConfig, lr: float):
@@ -196,7 +242,6 @@ class EpochProgress:
 def run_epochs(cfg: TrainConfig, model, train_model, data: RunData, state: RunState, ckpt: Path) -> RunState:
     progress = EpochProgress(cfg.verbose)
     class_weight = _class_weight(data.train_index.labels) if cfg.class_weights else None
-    val_y = data.val_index.labels.astype(np.float64)
     tb = _tensorboard_writer(cfg)
     while state.epoch < cfg.epochs and not state.stopped_early:
         epoch = state.epoch
@@ -218,32 +263,47 @@ def run_epochs(cfg: TrainConfig, model, train_model, data: RunData, state: RunSt
         if not math.isfinite(loss):
             raise TaskError(cfg.out, f"training loss became {loss} at epoch {epoch + 1}: lower `lr` "
                             f"(now {cfg.lr}) or check the tiles")
-        prob = predict_index(model, data.val_batches)
-        val_auc = float(roc_auc_score(val_y, prob)) if len(np.unique(val_y)) == 2 else float("nan")
+        tune_auc = tune_loss = math.nan
+        if data.tune_batches is not None:
+            prob = predict_index(model, data.tune_batches)
+            tune_auc, tune_loss = auc(data.tune_index.labels, prob), binary_cross_entropy(data.tune_index.labels, prob)
         seconds = time.perf_counter() - t0
         row = {"epoch": epoch + 1, "loss": loss, "accuracy": float(hist.history.get("accuracy", [np.nan])[-1]),
-               "val_loss": binary_cross_entropy(val_y, prob), "val_auc": val_auc, "seconds": seconds}
+               "tune_loss": tune_loss, "tune_auc": tune_auc, "seconds": seconds}
         state.history.append(row)
         state.train_seconds += seconds
-        improved = val_auc > state.best_auc or (state.best_epoch < 0)
+        improved = _improved(state, tune_auc, tune_loss, tuned=data.tune_batches is not None)
         if improved:
-            state.best_auc, state.best_epoch, state.wait = (val_auc if math.isfinite(val_auc) else -math.inf,
-                                                            epoch + 1, 0)
+            state.best_auc = tune_auc if math.isfinite(tune_auc) else -math.inf
+            state.best_loss = tune_loss if math.isfinite(tune_loss) else math.inf
+            state.best_epoch, state.wait = epoch + 1, 0
         else:
             state.wait += 1
             if cfg.patience and state.wait >= cfg.patience:
                 state.stopped_early = True
         state.epoch = epoch + 1
-        if improved:  # the best model's validation predictions: finish_run reuses them instead of predicting again
-            with atomic_path(ckpt / f"val_prob_epoch{epoch + 1}.npy") as tmp, open(tmp, "wb") as fh:
+        if improved and data.tune_batches is not None:  # the chosen model's tuning predictions, for the threshold
+            with atomic_path(ckpt / f"tune_prob_epoch{epoch + 1}.npy") as tmp, open(tmp, "wb") as fh:
                 np.save(fh, prob)
         save_checkpoint(ckpt, model, train_model, state, best=improved)
         if tb is not None:
             tb(epoch + 1, row)
         if cfg.verbose:
-            log.info("epoch %d/%d: loss %.4f, val_loss %.4f, val_auc %.4f (%.1f s)%s", epoch + 1, cfg.epochs, loss,
-                     row["val_loss"], val_auc, seconds, " *" if improved else "")
+            log.info("epoch %d/%d: loss %.4f, tune_loss %.4f, tune_auc %.4f (%.1f s)%s", epoch + 1, cfg.epochs, loss,
+                     tune_loss, tune_auc, seconds, " *" if improved and data.tune_batches is not None else "")
     return state
+
+
+def _improved(state: RunState, tune_auc: float, tune_loss: float, *, tuned: bool) -> bool:
+    """Whether this epoch becomes the chosen one: without a tuning set always (the last epoch); with one, a higher
+    tuning AUC, or the same AUC with a lower tuning loss; the first epoch always."""
+    if not tuned or state.best_epoch < 0:
+        return True
+    if not math.isfinite(tune_auc):
+        return False
+    if tune_auc > state.best_auc + 1e-12:
+        return True
+    return abs(tune_auc - state.best_auc) <= 1e-12 and tune_loss < state.best_loss
 
 
 def _class_weight(labels: np.ndarray) -> dict[int, float]:
@@ -283,34 +343,70 @@ def write_predictions(path: Path, index, prob: np.ndarray) -> None:
 def finish_run(cfg: TrainConfig, data: RunData, state: RunState, policy: str, t_start: float,
                engine: str) -> dict[str, float]:
     best = load_model(cfg.out / CHECKPOINT_DIR / "best.keras", compile=False)
-    saved_prob = cfg.out / CHECKPOINT_DIR / f"val_prob_epoch{state.best_epoch}.npy"
-    prob = np.load(saved_prob) if saved_prob.exists() else predict_index(best, data.val_batches)
-    if len(prob) != len(data.val_index):
-        prob = predict_index(best, data.val_batches)
+    tuned = data.tune_index is not None
+    threshold, tune_auc = FIXED_THRESHOLD, math.nan
+    if tuned:
+        saved_prob = cfg.out / CHECKPOINT_DIR / f"tune_prob_epoch{state.best_epoch}.npy"
+        tune_prob = np.load(saved_prob) if saved_prob.exists() else predict_index(best, data.tune_batches)
+        if len(tune_prob) != len(data.tune_index):
+            tune_prob = predict_index(best, data.tune_batches)
+        threshold = choose_slide_threshold(data.tune_index.labels, tune_prob, data.tune_index.slide_ids)
+        tune_auc = auc(data.tune_index.labels, tune_prob)
+    prob = predict_index(best, data.val_batches)  # the held-out fold, once, with the chosen model and threshold
     y = data.val_index.labels
-    metrics = evaluation_metrics(y, prob, data.val_index.slide_ids, data.val_index.patient_ids, loss=binary_cross_entropy(y, prob))
+    metrics = evaluation_metrics(y, prob, data.val_index.slide_ids, data.val_index.patient_ids, threshold=threshold,
+                                 loss=binary_cross_entropy(y, prob))
     metrics.update(train_seconds=float(state.train_seconds), epochs_run=float(state.epoch),
                    best_epoch=float(state.best_epoch), n_train_tiles=float(len(data.train_index)),
                    n_val_tiles=float(len(data.val_index)), n_params=float(count_params(best)),
-                   wall_seconds=float(time.perf_counter() - t_start))
+                   wall_seconds=float(time.perf_counter() - t_start), tune_auc=float(tune_auc),
+                   selection_tuned=float(tuned),
+                   n_tune_tiles=float(len(data.tune_index)) if tuned else 0.0,
+                   **group_counts(data))
     if data.normalizer is not None:
         metrics["stain_passthrough_fraction"] = float(data.passthrough_fraction())
     save_model_atomic(best, cfg.out / "model.keras")
     write_predictions(cfg.out / "predictions.csv", data.val_index, prob)
     write_csv_atomic(cfg.out / "history.csv", state.history, fieldnames=HISTORY_COLUMNS)
+    fold = data.fold
     config = {**cfg.to_json(), "resolved": {
         "tile_size": data.train_index.tile_size, "label_names": list(data.train_index.label_names),
         "mpp": data.train_index.shards[0].mpp, "precision_policy": policy,
-        "input_size": cfg.input_size or data.train_index.tile_size,
-        "train_slides": sorted(set(data.train_index.slide_ids)), "val_slides": sorted(set(data.val_index.slide_ids)),
+        "input_size": cfg.input_size or data.train_index.tile_size, "input_scaling": input_scaling(cfg),
+        "train_patients": sorted(set(data.train_index.patient_ids)),
+        "tune_patients": sorted(set(data.tune_index.patient_ids)) if tuned else [],
+        "val_patients": sorted(set(data.val_index.patient_ids)),
+        "test_patients": list(fold.test_patients) if fold is not None else [],
+        "train_slides": sorted(set(data.train_index.slide_ids)),
+        "tune_slides": sorted(set(data.tune_index.slide_ids)) if tuned else [],
+        "val_slides": sorted(set(data.val_index.slide_ids)),
         "train_class_counts": data.train_index.class_counts(), "val_class_counts": data.val_index.class_counts(),
+        "tune_class_counts": data.tune_index.class_counts() if tuned else {},
+        "selection": selection_rule(cfg, data), "best_epoch": state.best_epoch,
         "manifest_digest": data.manifest_digest, "threshold": metrics["threshold"],
+        "threshold_rule": ("chosen on the tuning slides (mean tile probability per slide, Youden's J, half-way "
+                           "between neighbouring slide scores)" if tuned else f"fixed at {FIXED_THRESHOLD}"),
         "stain_file": STAIN_FILE if data.normalizer is not None else None,
         "stopped_early": state.stopped_early,
         "augment_on": engine if cfg.augmentations else None}, "versions": library_versions()}
     write_json_atomic(cfg.out / "config.json", config)
     write_json_atomic(cfg.out / "metrics.json", metrics)  # last: its presence means the run is complete
     return metrics
+
+
+def group_counts(data: RunData) -> dict[str, float]:
+    """How many patients (and slides) of each class lie behind the held-out and tuning figures: ``n_val_patients``,
+    ``n_val_patients_pos`` / ``_neg`` (a patient is positive when any of its tiles is malignant, as for
+    ``val_patient_auc``), the same for slides, and ``n_tune_patients``."""
+    out: dict[str, float] = {}
+    for side, index in (("val", data.val_index), ("tune", data.tune_index)):
+        for level, ids in (("patients", None if index is None else index.patient_ids),
+                           ("slides", None if index is None else index.slide_ids)):
+            labels = np.zeros(0, np.int64) if index is None else aggregate(np.zeros(len(index)), index.labels, ids)[2]
+            out[f"n_{side}_{level}"] = float(len(labels))
+            out[f"n_{side}_{level}_pos"] = float(labels.sum())
+            out[f"n_{side}_{level}_neg"] = float(len(labels) - labels.sum())
+    return out
 
 
 def _finished_metrics(cfg: TrainConfig) -> dict[str, float] | None:

@@ -15,6 +15,12 @@ Definitions where a choice was needed:
   Group accuracy compares the score, at the tile threshold, with that label.
 * :func:`choose_threshold`: the ROC cut-off maximising Youden's J (TPR - FPR), moved half-way down to the next
   lower score, so it separates the two scores around it instead of sitting on one of them; 0.5 when undefined.
+* :func:`choose_slide_threshold`: the decision threshold ``train`` records, chosen on the tuning set for the
+  decision it serves (``predict``'s ``slide.json`` calls a slide malignant when its mean tile probability reaches
+  it): each slide scored by its mean tile probability, the cut between two neighbouring slide scores that
+  maximises Youden's J over slides, placed half-way between them; among equally good cuts, the one nearest 0.5.
+  So with tuning slides that separate, it lies half-way between the highest benign and the lowest malignant
+  slide score, never at an extreme tile probability; 0.5 when the tuning slides are of one class.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 
 NAN = float("nan")
+FIXED_THRESHOLD = 0.5  # the decision threshold without a tuning set (and whenever one cannot be chosen)
 AGGREGATIONS = ("mean", "median", "top10")
 TOP_FRACTION = 0.1  # ``top10``: a group's score is the mean of its highest 10 % of tile probabilities
 PROB_EPSILON = 1e-7
@@ -34,6 +41,13 @@ TILE_KEYS = ("val_auc", "val_accuracy", "val_balanced_accuracy", "val_sensitivit
 # OpenMOLE parses into Vals of the same names and what the report ranks by.
 CONTRACT_METRICS = (*TILE_KEYS, "val_slide_auc", "val_patient_auc", "threshold", "train_seconds", "epochs_run",
                     "n_train_tiles", "n_val_tiles", "n_params")
+# Beyond the contract, in ``metrics.json`` since issue 14 and in the local runner's ``results.csv``: how the
+# epoch and threshold were chosen and how many patients (per class) lie behind the patient- and slide-level
+# figures; the report reads them where present (OpenMOLE's tables may lack them).
+SELECTION_METRICS = ("tune_auc", "selection_tuned", "best_epoch", "n_tune_patients")
+COUNT_METRICS = ("n_val_patients", "n_val_patients_pos", "n_val_patients_neg", "n_val_slides", "n_val_slides_pos",
+                 "n_val_slides_neg")
+RESULT_METRICS = (*CONTRACT_METRICS, *SELECTION_METRICS, *COUNT_METRICS)
 
 
 def _arrays(y_true, prob) -> tuple[np.ndarray, np.ndarray]:
@@ -80,6 +94,23 @@ def choose_threshold(y_true, prob) -> float:
     t = float(thresholds[int(np.argmax(j))])
     below = p[p < t]
     return float((t + below.max()) / 2) if below.size else t
+
+
+def choose_slide_threshold(y_true, prob, slide_ids) -> float:
+    """The decision threshold chosen on (tuning) tiles for the slide-level decision: see the module doc."""
+    _, scores, labels = aggregate(prob, y_true, slide_ids, "mean")
+    if not _defined(labels, scores):
+        return FIXED_THRESHOLD
+    values = np.unique(scores)
+    # candidate cuts: half-way between neighbouring slide scores, and half-way to 0 and to 1 beyond the ends
+    cuts = np.concatenate([[values[0] / 2], (values[:-1] + values[1:]) / 2, [(values[-1] + 1) / 2]])
+    n_pos, n_neg = int(labels.sum()), int(len(labels) - labels.sum())
+    pred = scores[None, :] >= cuts[:, None]
+    tp = (pred & (labels[None, :] == 1)).sum(axis=1)
+    fp = (pred & (labels[None, :] == 0)).sum(axis=1)
+    j = tp * n_neg - fp * n_pos  # Youden's J * n_pos * n_neg, exact in integers
+    best = np.flatnonzero(j == j.max())
+    return float(cuts[best[np.argmin(np.abs(cuts[best] - 0.5))]])
 
 
 def _confusion(y: np.ndarray, pred: np.ndarray) -> tuple[int, int, int, int]:
@@ -192,9 +223,9 @@ def evaluation_metrics(y_true, prob, slide_ids: Sequence[str], patient_ids: Sequ
     """Tile metrics plus ``val_slide_auc``, ``val_patient_auc``, ``val_slide_accuracy``, ``val_patient_accuracy``
     (mean tile probability per group) and ``threshold``.
 
-    ``threshold`` defaults to :func:`choose_threshold` on these same (validation) predictions, so the thresholded
-    metrics are optimistic for that fold; pass a threshold chosen elsewhere for an unbiased estimate. The AUCs do
-    not depend on it.
+    ``threshold`` defaults to :func:`choose_threshold` on these same predictions, so the thresholded metrics are
+    optimistic for them; ``train`` passes the threshold chosen on its tuning set (:func:`choose_slide_threshold`)
+    for an unbiased estimate. The AUCs do not depend on it.
     """
     t = choose_threshold(y_true, prob) if threshold is None else float(threshold)
     out = tile_metrics(y_true, prob, t, loss)
@@ -202,3 +233,35 @@ def evaluation_metrics(y_true, prob, slide_ids: Sequence[str], patient_ids: Sequ
                val_slide_accuracy=group_accuracy(y_true, prob, slide_ids, t),
                val_patient_accuracy=group_accuracy(y_true, prob, patient_ids, t), threshold=t)
     return {k: float(v) for k, v in out.items()}
+
+
+BOOTSTRAP_REPLICATES = 2000
+
+
+def bootstrap_interval(y_true, prob, patient_ids, statistic: str = "patient_auc", *, confidence: float = 0.95,
+                       replicates: int = BOOTSTRAP_REPLICATES, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval over patients of ``statistic`` (``patient_auc``: AUC of the patients' mean
+    tile probability; ``tile_auc``: AUC over the resampled patients' tiles). Patients are resampled with
+    replacement within each class (a patient's class: malignant when any of its tiles is), so every replicate has
+    both; the interval lies inside [0, 1] by construction. NaN, NaN without a patient of each class."""
+    y, p = _arrays(y_true, prob)
+    g = np.asarray(patient_ids).reshape(-1)
+    ids, scores, labels = aggregate(p, y, g, "mean")
+    if len(ids) == 0 or len(np.unique(labels)) < 2 or not np.isfinite(scores).all():
+        return NAN, NAN
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    members = [np.flatnonzero(g == pid) for pid in ids] if statistic == "tile_auc" else []
+    values = np.empty(replicates)
+    for b in range(replicates):
+        pick = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
+        if statistic == "patient_auc":
+            values[b] = auc(labels[pick], scores[pick])
+        else:
+            rows = np.concatenate([members[i] for i in pick])
+            values[b] = auc(y[rows], p[rows])
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return NAN, NAN
+    tail = (1 - confidence) / 2 * 100
+    return float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))

@@ -87,9 +87,9 @@ def test_every_patient_in_one_validation_fold_and_slides_follow_patients(shards)
     for f in splits["folds"]:
         assert f["val_patients"] and f["val_slides"]
         assert not set(f["train_patients"]) & set(f["val_patients"])
-        assert set(f["train_patients"]) | set(f["val_patients"]) == patients
+        assert set(f["train_patients"]) | set(f["tune_patients"]) | set(f["val_patients"]) == patients
         assert not set(f["train_slides"]) & set(f["val_slides"])
-        assert set(f["train_slides"]) | set(f["val_slides"]) == set(slide_patient)
+        assert set(f["train_slides"]) | set(f["tune_slides"]) | set(f["val_slides"]) == set(slide_patient)
         assert {slide_patient[s] for s in f["val_slides"]} == set(f["val_patients"])
         assert {slide_patient[s] for s in f["train_slides"]} == set(f["train_patients"])
         for key in ("val_patients", "val_slides", "train_patients", "train_slides"):
@@ -121,10 +121,10 @@ def test_tile_counts_per_side(shards):
     assert splits["label_names"] == ["benign", "malignant"]
     total = {c: sum(r[f"n_{c}"] for r in rows.values()) for c in ("benign", "malignant")}
     for f in splits["folds"]:
-        for side in ("train", "val"):
+        for side in ("train", "tune", "val"):
             expected = {c: sum(rows[s][f"n_{c}"] for s in f[f"{side}_slides"]) for c in ("benign", "malignant")}
             assert f["tile_counts"][side] == expected
-        assert {c: f["tile_counts"]["train"][c] + f["tile_counts"]["val"][c] for c in total} == total
+        assert {c: sum(f["tile_counts"][side][c] for side in ("train", "tune", "val")) for c in total} == total
         assert f["tile_counts"]["val"]["malignant"] > 0  # stratified: malignant tiles in every validation set
 
 
@@ -379,3 +379,73 @@ def test_missing_split_file(shards, tmp_path):
     with pytest.raises(TaskError, match="not found") as exc:
         load_fold(tmp_path / "nope.json", shards, 0)
     one_line_naming(exc, tmp_path / "nope.json")
+
+
+# ------------------------------------------------------------------------------- tuning and test sets (issue 14)
+
+def test_tuning_set_is_disjoint_from_the_held_out_fold_and_the_test_set(tmp_path):
+    folder = write_manifest(tmp_path / "s", manifest_rows(cohort(9, 9)))
+    splits = make_splits(folder, 3, seed=4, test_fraction=0.2)
+    assert splits["format_version"] == 2 and splits["tune_fraction"] == 0.25
+    test = set(splits["test_patients"])
+    assert sorted(splits["patients"][p] for p in test) == ["benign", "benign", "malignant", "malignant"]
+    assert {splits["slides"][s] for s in splits["test_slides"]} == test
+    for f in splits["folds"]:
+        tune, val, train = set(f["tune_patients"]), set(f["val_patients"]), set(f["train_patients"])
+        assert tune and not tune & val and not tune & test and not tune & train
+        assert not test & (val | train) and train | tune | val | test == set(splits["patients"])
+        assert {splits["patients"][p] for p in tune} == {"benign", "malignant"}  # stratified
+        assert f["selection"] == "tuning set" and f["tune_diagnoses"] == {"benign": 1, "malignant": 1}
+        sides = [set(f[k]) for k in ("train_slides", "tune_slides", "val_slides")] + [set(splits["test_slides"])]
+        assert sum(map(len, sides)) == len(set().union(*sides)) == len(splits["slides"])
+        assert {splits["slides"][s] for s in f["tune_slides"]} == tune
+    assert make_splits(folder, 3, seed=4, test_fraction=0.2) == splits  # seeded
+    path = tmp_path / "splits.json"
+    write_splits(splits, path)
+    fold = load_fold(path, folder, 1)
+    assert set(fold.tune_patients) == set(splits["folds"][1]["tune_patients"])
+    assert fold.test_patients == tuple(splits["test_patients"])
+    assert "n_folds" not in json.dumps({k: v for k, v in splits.items() if k != "n_folds"})  # OpenMOLE's regex
+
+
+@pytest.mark.parametrize("side", ["val_patients", "test_patients"])
+def test_a_tuning_patient_on_another_side_is_refused(tmp_path, side):
+    folder = write_manifest(tmp_path / "s", manifest_rows(cohort(9, 9)))
+    splits = make_splits(folder, 3, seed=4, test_fraction=0.2)
+    patient = splits["folds"][0]["tune_patients"][0]
+    if side == "test_patients":
+        splits["test_patients"].append(patient)
+    else:
+        splits["folds"][0][side].append(patient)
+    path = tmp_path / "leaky.json"
+    write_splits(splits, path)
+    with pytest.raises(TaskError, match=f"patient {patient} is in both tuning .*the split leaks") as exc:
+        load_fold(path, folder, 0)
+    one_line_naming(exc, path)
+
+
+def test_too_few_training_patients_get_no_tuning_set(tmp_path):
+    splits = make_splits(write_manifest(tmp_path / "s", manifest_rows(cohort(4, 4))), 2, seed=0)
+    for f in splits["folds"]:  # 2 + 2 training patients: a tuning patient would leave 1 of a class to fit on
+        assert f["tune_patients"] == [] and f["tune_slides"] == [] and f["selection"] == "fixed"
+    assert make_splits(write_manifest(tmp_path / "t", manifest_rows(cohort(4, 4))), 2, tune_fraction=0)[
+        "folds"][0]["tune_patients"] == []
+
+
+def test_a_format_1_split_reads_as_folds_without_tuning_or_test_set(shards, tmp_path):
+    data = make_splits(shards, 3, seed=0, tune_fraction=0)
+    data["format_version"] = 1
+    for key in ("tune_fraction", "test_fraction", "test_patients", "test_slides", "test_diagnoses"):
+        del data[key]
+    for f in data["folds"]:
+        del f["tune_patients"], f["tune_slides"]
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps(data))
+    fold = load_fold(path, shards, 0)
+    assert fold.format_version == 1 and fold.tune_slides == () and fold.test_patients == ()
+
+
+def test_bad_fractions_are_refused(shards):
+    for kw in ({"tune_fraction": 1.0}, {"test_fraction": -0.1}, {"test_fraction": "0.2"}):
+        with pytest.raises(TaskError, match=next(iter(kw))):
+            make_splits(shards, 3, **kw)

@@ -125,19 +125,19 @@ def test_known_values_give_expected_means_std_ci_and_ranking(tmp_path):
     assert cnn["val_patient_auc_std"] == pytest.approx(0.1)
     half = T975_DF2 * 0.1 / math.sqrt(3)
     assert cnn["val_patient_auc_ci_low"] == pytest.approx(0.8 - half, abs=1e-8)
-    assert cnn["val_patient_auc_ci_high"] == pytest.approx(0.8 + half, abs=1e-8)
+    assert 0.8 + half > 1 and cnn["val_patient_auc_ci_high"] == 1.0  # the t-interval clipped to an AUC's range
     assert (cnn["n_points"], cnn["n_folds_completed"], cnn["n_failed"]) == (3, 3, 0)
     # the NaN slide AUC of fold 1 is left out: mean of .75 and .65, std sqrt(2 * .05^2 / 1)
     assert cnn["val_slide_auc_mean"] == pytest.approx(0.70)
     assert cnn["val_slide_auc_std"] == pytest.approx(0.05 * math.sqrt(2))
-    assert cnn["val_slide_auc_ci_high"] == pytest.approx(0.70 + T975_DF1 * 0.05, abs=1e-7)
+    assert cnn["val_slide_auc_ci_high"] == 1.0  # 0.70 + 0.635, clipped
     assert cnn["val_auc_mean"] == pytest.approx(0.70)
 
     res = s[("resnet50", 0.001)]  # .95, .85 (fold 2 failed): mean .9, std .05*sqrt2, half-width t1 * .05
     assert res["val_patient_auc_mean"] == pytest.approx(0.9)
     assert res["val_patient_auc_std"] == pytest.approx(0.05 * math.sqrt(2))
     assert res["val_patient_auc_ci_low"] == pytest.approx(0.9 - T975_DF1 * 0.05, abs=1e-7)
-    assert res["val_patient_auc_ci_high"] == pytest.approx(0.9 + T975_DF1 * 0.05, abs=1e-7)
+    assert res["val_patient_auc_ci_high"] == 1.0  # 0.9 + 0.635, clipped
     assert (res["n_points"], res["n_folds_completed"], res["n_failed"]) == (3, 2, 1)
     assert res["n_params_mean"] == pytest.approx(4500)  # 4000 and 5000
 
@@ -311,8 +311,8 @@ def test_html_ranking_failed_points_and_figures(tmp_path):
     assert [r[col] for r in body] == ["2", "3", "1", "0"]
     auc = body[0][header.index("val_patient_auc mean ± std")]
     assert auc == "0.900 ± 0.071"
-    ci = body[0][header.index("val_patient_auc 95% CI")]
-    assert ci == f"[{0.9 - T975_DF1 * 0.05:.3f}, {0.9 + T975_DF1 * 0.05:.3f}]"
+    ci = body[0][header.index("val_patient_auc 95% CI (t, clipped to the range)")]
+    assert ci == f"[{0.9 - T975_DF1 * 0.05:.3f}, 1.000]"  # 0.9 + 0.635 clipped to an AUC's range
 
     failed = parsed.tables["failed"]
     assert len(failed) - 1 == N_FAILED
@@ -448,3 +448,75 @@ def test_report_renders_in_headless_chromium(tmp_path):
     p.feed(dom)
     rows = p.tables["ranking"]
     assert rows[0][0] == "rank" and rows[1][1:3] == ["resnet50", "0.001"]
+
+
+# ------------------------------------------------------------------------------- what a number is worth (issue 14)
+
+def _honest_rows() -> list[dict]:
+    """Two configurations with the same mean patient AUC (1.0) but different tile AUCs; fold 2 of "a" has one
+    benign validation patient only."""
+    rows = []
+    for arch, tile_aucs in (("a", (0.60, 0.62, 0.64)), ("b", (0.90, 0.92, 0.94))):
+        for fold, tile_auc in enumerate(tile_aucs):
+            neg = 1 if (arch, fold) == ("a", 2) else 2
+            rows.append({"arch": arch, "fold": fold, "val_auc": tile_auc, "val_patient_auc": 1.0,
+                         "val_slide_auc": 1.0, "n_val_patients": 2 + neg, "n_val_patients_pos": 2,
+                         "n_val_patients_neg": neg, "n_val_slides": 5, "n_val_slides_pos": 3, "n_val_slides_neg": 2,
+                         "selection_tuned": 1.0, "tune_auc": 1.0, "status": "ok", "out_dir": f"p/{arch}{fold}"})
+    return rows
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def test_counts_are_metrics_and_ties_break_on_the_tile_auc(tmp_path):
+    summary = summarize(read_results(_write(tmp_path / "r.csv", _honest_rows())))
+    assert [r["arch"] for r in summary] == ["b", "a"]  # equal patient AUC 1.0: the higher tile AUC first
+    assert "n_val_patients_pos_mean" in summary[0] and "fold" not in summary[0]  # counts are metrics, not factors
+    for r in summary:
+        for key in ("val_auc", "val_patient_auc"):
+            assert 0.0 <= r[f"{key}_ci_low"] <= r[f"{key}_ci_high"] <= 1.0
+
+
+def test_report_shows_the_patients_behind_each_figure_few_patient_folds_and_the_optimism(tmp_path):
+    parsed_path = make_report(_write(tmp_path / "r.csv", _honest_rows()), tmp_path / "out")
+    parsed = _parse(parsed_path)
+    header, body = parsed.tables["ranking"][0], parsed.tables["ranking"][1:]
+    behind = header.index("validation patients behind it (M malignant + B benign)")
+    assert behind == header.index("val_patient_auc 95% CI (t, clipped to the range)") + 1
+    assert body[0][behind] == "6 M + 6 B (3 folds; fewest 2 M + 2 B)"
+    assert body[1][behind] == "6 M + 5 B (3 folds; fewest 2 M + 1 B)"
+    slides = header.index("validation slides behind it")
+    assert slides == header.index("val_slide_auc (mean)") + 1 and body[0][slides].startswith("9 M + 6 B")
+    text = parsed_path.read_text()
+    assert "once in 3 folds (1 / C(3, 2))" in text  # the fold with 2 malignant + 1 benign patients
+    warn = text[text.index('id="few-patients"'):]
+    assert "fewer than 2 patients of a class" in warn[:400] and "fold=2" in warn[:400]
+    optimism = text[text.index('id="optimism"'):]
+    assert "best of 2 configurations is an optimistic estimate" in optimism[:300]
+    assert "No test-set figure" in optimism[:1000] and 'id="no-test"' in text
+
+
+def test_report_shows_a_test_set_evaluation_apart(tmp_path):
+    import json
+
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    (folder / "test_metrics.json").write_text(json.dumps({
+        "test_auc": 0.91, "test_auc_ci_low": 0.80, "test_auc_ci_high": 0.97, "test_patient_auc": 1.0,
+        "test_patient_auc_ci_low": 1.0, "test_patient_auc_ci_high": 1.0, "test_slide_auc": None, "threshold": 0.4,
+        "n_test_patients_pos": 1, "n_test_patients_neg": 1, "n_test_slides": 3, "n_test_tiles": 300}))
+    (folder / "evaluation.json").write_text(json.dumps({"model": "/runs/best/model.keras"}))
+    html_path = make_report(_write(tmp_path / "r.csv", _honest_rows()), tmp_path / "out", tests=[folder])
+    parsed = _parse(html_path)
+    table = parsed.tables["test-0"]
+    assert table[1] == ["tile AUC", "0.910", "[0.800, 0.970]"]
+    assert ["slide AUC", "n/a", ""] in table
+    text = html_path.read_text()
+    assert "1 malignant and 1 benign patients" in text and "under Test set below (eval)" in text
+    assert text.index('id="ranking"') < text.index('id="tests"')

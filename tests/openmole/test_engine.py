@@ -112,6 +112,12 @@ def test_a_failed_run_then_a_rerun_of_sweep(plans, tmp_path):
     assert len(summary) == 1 and summary[0]["n_points"] == 2 and summary[0]["n_completed"] == 2
     html = make_report(plans / "results" / "points.csv", tmp_path / "report").read_text()
     assert "2 row(s) superseded" in html and (tmp_path / "report" / "roc_best.png").is_file()
+    # the patients behind each figure travel through parseMetrics and CSVHook, so the report can show them
+    assert all(float(r["n_val_patients_pos"]) >= 1 and float(r["n_val_patients_neg"]) >= 1 for r in new)
+    assert "The table has no patient counts" not in html
+    total_pos = sum(int(float(r["n_val_patients_pos"])) for r in new)
+    total_neg = sum(int(float(r["n_val_patients_neg"])) for r in new)
+    assert f"{total_pos} M + {total_neg} B (2 folds" in html
 
 
 def test_a_training_that_fails_is_a_row_with_its_exit_code(plans, tmp_path):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from python_task.training.metrics import CONTRACT_METRICS
+from python_task.training.metrics import RESULT_METRICS
 
 from .dsl import OMS_DIR, parse, string_value, syntax_problems, text, walk
 from .engine import load_plan
@@ -352,17 +352,19 @@ def test_swept_optimizers_exist():
 
 # ------------------------------------------------------------------------------------------------ metrics
 
-def test_parsed_metrics_are_the_contract_metrics(common):
+def test_parsed_metrics_are_the_result_metrics(common):
+    """Every metric the local runner's results.csv holds (the contract's, the selection rule and the patient counts
+    the report shows beside each figure) is parsed from metrics.json into a Val[Double] of the same name."""
     from . import ports
 
     parse_task = common.value("parseMetrics")
     parsed = ports.parsed_metrics(parse_task.args["code"])
     assert all(name == key for name, key in parsed.items()), parsed
-    assert set(parsed) == set(CONTRACT_METRICS), sorted(set(parsed) ^ set(CONTRACT_METRICS))
+    assert set(parsed) == set(RESULT_METRICS), sorted(set(parsed) ^ set(RESULT_METRICS))
     vals = common.vals()
-    for metric in CONTRACT_METRICS:
+    for metric in RESULT_METRICS:
         assert vals[metric].type == "Double", f"{metric} is not a Val[Double]"
-    assert set(CONTRACT_METRICS) | {"status", "error", "point_id", "out_dir"} <= set(parse_task.output_names())
+    assert set(RESULT_METRICS) | {"status", "error", "point_id", "out_dir"} <= set(parse_task.output_names())
 
 
 # ------------------------------------------------------------------------------------------------ structure

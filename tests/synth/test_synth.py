@@ -301,12 +301,22 @@ def _structure_features(tile: np.ndarray) -> np.ndarray:
                      np.log(irregular)])
 
 
+def _slide_colour(rgb: np.ndarray) -> np.ndarray:
+    """A slide's colour statistics over its tissue: mean RGB, mean optical density per channel, median RGB."""
+    od = -np.log10((rgb.astype(np.float32) + 1) / 256)
+    tissue = od.sum(axis=-1) > 0.25
+    pixels = rgb[tissue].astype(np.float32)
+    return np.concatenate([pixels.mean(axis=0), od[tissue].mean(axis=0), np.median(pixels, axis=0)])
+
+
 @pytest.fixture(scope="module")
-def tile_set() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def tile_set() -> tuple[np.ndarray, ...]:
     """Colour and structure features of labelled tiles from a small cohort with strong stain variation:
-    24 patients, one 1536-px slide each (many patients keep the patient-grouped estimate stable)."""
+    24 patients, one 1536-px slide each (many patients keep the patient-grouped estimate stable); and each
+    slide's colour statistics, its patient's diagnosis and id."""
     cfg = SynthConfig(patients=24, seed=0, slide_size=1536, stain_variation=2.0, max_slides_per_patient=1)
     colour, structure, labels, groups = [], [], [], []
+    slide_colour, diagnosis, patients = [], [], []
     for spec in config.plan_cohort(cfg):
         rgb, regions = render.render_spec(spec)
         for class_name, tile in _region_tiles(rgb, regions):
@@ -314,7 +324,11 @@ def tile_set() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
             structure.append(_structure_features(tile))
             labels.append(class_name == config.MALIGNANT_CLASS)
             groups.append(spec.patient_id)
-    return np.array(colour), np.array(structure), np.array(labels), np.array(groups)
+        slide_colour.append(_slide_colour(rgb))
+        diagnosis.append(spec.diagnosis == "malignant")
+        patients.append(spec.patient_id)
+    return (np.array(colour), np.array(structure), np.array(labels), np.array(groups), np.array(slide_colour),
+            np.array(diagnosis), np.array(patients))
 
 
 def _grouped_auc(features: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> float:
@@ -325,16 +339,25 @@ def _grouped_auc(features: np.ndarray, labels: np.ndarray, groups: np.ndarray) -
 
 
 def test_enough_labelled_tiles_of_both_classes(tile_set: tuple) -> None:
-    _, _, labels, groups = tile_set
+    _, _, labels, groups, *_ = tile_set
     assert len(labels) >= 120 and 0.25 < labels.mean() < 0.75
     assert len(set(groups)) == 24
 
 
 def test_colour_alone_does_not_separate_the_classes(tile_set: tuple) -> None:
-    colour, _, labels, groups = tile_set
+    colour, _, labels, groups, *_ = tile_set
     assert _grouped_auc(colour, labels, groups) < 0.75
 
 
 def test_structure_separates_the_classes(tile_set: tuple) -> None:
-    _, structure, labels, groups = tile_set
+    _, structure, labels, groups, *_ = tile_set
     assert _grouped_auc(structure, labels, groups) > 0.9
+
+
+def test_slide_colour_does_not_predict_the_diagnosis_across_patients(tile_set: tuple) -> None:
+    """Each slide gets its own stain, drawn independently of the diagnosis: a classifier on a slide's colour
+    statistics (mean and median RGB, mean optical density over its tissue), cross-validated by patient, cannot
+    tell a malignant patient from a benign one (issue 14: no non-structural per-slide cue of the diagnosis)."""
+    *_, slide_colour, diagnosis, patients = tile_set
+    assert len(set(patients)) == 24 and diagnosis.sum() == 12
+    assert _grouped_auc(slide_colour, diagnosis, patients) < 0.75

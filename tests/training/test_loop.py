@@ -13,10 +13,12 @@ import sys
 import numpy as np
 import pytest
 
+from python_task.data.splits import make_splits, write_splits
 from python_task.errors import TaskError
+from python_task.fileio import nan_for_null
 from python_task.training.config import TrainConfig
 from python_task.training.loop import train
-from python_task.training.metrics import CONTRACT_METRICS
+from python_task.training.metrics import CONTRACT_METRICS, FIXED_THRESHOLD
 
 
 def _cfg(data, out, **kw) -> TrainConfig:
@@ -33,12 +35,15 @@ def test_outputs_follow_the_contract(learn_data, tmp_path):
     out = tmp_path / "run"
     for name in ("metrics.json", "model.keras", "history.csv", "config.json", "predictions.csv"):
         assert (out / name).exists(), name
-    saved = json.loads((out / "metrics.json").read_text())
-    assert set(CONTRACT_METRICS) <= set(saved) and saved == metrics
+    saved = nan_for_null(json.loads((out / "metrics.json").read_text()))
+    assert set(CONTRACT_METRICS) <= set(saved) and set(saved) == set(metrics)
+    assert all(saved[k] == metrics[k] or (math.isnan(saved[k]) and math.isnan(metrics[k])) for k in saved)
     assert all(isinstance(v, float) for v in saved.values())
     assert saved["n_val_tiles"] == 96 and saved["n_train_tiles"] == 96 and saved["epochs_run"] == 1
+    assert saved["n_val_patients"] == saved["n_val_patients_pos"] + saved["n_val_patients_neg"] > 0
     config = json.loads((out / "config.json").read_text())
     assert config["arch"] == "simple_cnn" and config["resolved"]["tile_size"] == 64
+    assert config["resolved"]["input_scaling"] == "grey"
     assert {"keras", "numpy", "backend"} <= set(config["versions"]) and config["resolved"]["manifest_digest"]
     with open(out / "predictions.csv", newline="") as fh:
         preds = list(csv.DictReader(fh))
@@ -49,9 +54,9 @@ def test_outputs_follow_the_contract(learn_data, tmp_path):
 def test_simple_cnn_learns_the_synthetic_classes(learn_data, tmp_path):
     metrics = train(_cfg(learn_data, tmp_path / "learn", epochs=4, max_train_tiles=0, max_val_tiles=0,
                          lr=5e-4, batch_size=32, augment="flip,rot90"))
-    assert metrics["val_auc"] > 0.8, metrics  # the best epoch's model, chosen on validation AUC
+    assert metrics["val_auc"] > 0.8, metrics  # the held-out fold, predicted once with the last epoch's model
     history = list(csv.DictReader(open(tmp_path / "learn" / "history.csv")))
-    assert max(float(r["val_auc"]) for r in history) == pytest.approx(metrics["val_auc"], abs=1e-6)
+    assert [int(r["epoch"]) for r in history] == [1, 2, 3, 4] and "val_auc" not in history[0]
 
 
 def test_fixed_seed_gives_the_same_metrics_twice(learn_data, tmp_path):
@@ -93,10 +98,12 @@ def test_killed_run_resumes_after_its_last_epoch(learn_data, tmp_path, monkeypat
 
     def history(folder):
         with open(folder / "history.csv") as fh:
-            return [(int(r["epoch"]), float(r["loss"]), float(r["val_loss"])) for r in csv.DictReader(fh)]
+            return [(int(r["epoch"]), float(r["loss"]), float(r["accuracy"])) for r in csv.DictReader(fh)]
 
     assert [e for e, _, _ in history(tmp_path / "run")] == [1, 2, 3]
     assert history(tmp_path / "run") == history(tmp_path / "whole")  # bit for bit: losses equal, not close
+    held_out = [(tmp_path / run / "predictions.csv").read_text() for run in ("run", "whole")]
+    assert held_out[0] == held_out[1]  # the same final model
 
 
 def test_nan_loss_stops_with_a_clear_error(learn_data, tmp_path, monkeypatch):
@@ -189,3 +196,89 @@ def test_a_damaged_tile_met_during_training_is_named(learn_data, tmp_path):
         train(_cfg((copy, splits), tmp_path / "run"))
     assert err.value.path == str(victim)
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+# ------------------------------------------------------------------------------- selection off the held-out fold
+
+@pytest.fixture(scope="module")
+def tuned_split(learn_data, tmp_path_factory):
+    """learn_data's shards in 3 folds: 6-7 training patients a fold, so each fold has a tuning set."""
+    shards, _ = learn_data
+    path = tmp_path_factory.mktemp("tuned") / "splits.json"
+    splits = make_splits(shards, 3, seed=0)
+    assert all(f["tune_patients"] for f in splits["folds"])
+    write_splits(splits, path)
+    return shards, path
+
+
+def _flip_held_out_labels(monkeypatch):
+    """Every held-out tile's label inverted as train reads it; nothing else changes."""
+    import dataclasses
+
+    import python_task.training.loop as loop
+
+    real = loop.prepare_data
+
+    def flipped(*args, **kwargs):
+        data = real(*args, **kwargs)
+        data.val_index = dataclasses.replace(data.val_index, labels=1 - data.val_index.labels)
+        return data
+
+    monkeypatch.setattr(loop, "prepare_data", flipped)
+
+
+def test_epoch_and_threshold_do_not_change_when_only_held_out_labels_change(tuned_split, tmp_path, monkeypatch):
+    kw = dict(epochs=3, patience=1, max_train_tiles=160, max_val_tiles=160)
+    a = train(_cfg(tuned_split, tmp_path / "a", **kw))
+    _flip_held_out_labels(monkeypatch)
+    b = train(_cfg(tuned_split, tmp_path / "b", **kw))
+    assert a["selection_tuned"] == b["selection_tuned"] == 1.0
+    for key in ("best_epoch", "epochs_run", "threshold", "tune_auc"):
+        assert a[key] == b[key], key
+    assert b["val_auc"] == pytest.approx(1 - a["val_auc"], abs=1e-9)  # the held-out figures do see the labels
+    history = [list(csv.DictReader(open(tmp_path / run / "history.csv"))) for run in ("a", "b")]
+    assert [(r["tune_loss"], r["tune_auc"]) for r in history[0]] == [(r["tune_loss"], r["tune_auc"])
+                                                                     for r in history[1]]
+    preds = [[r["prob"] for r in csv.DictReader(open(tmp_path / run / "predictions.csv"))] for run in ("a", "b")]
+    assert preds[0] == preds[1]  # the same chosen model
+
+
+def test_config_lists_the_patients_of_each_role(tuned_split, tmp_path):
+    metrics = train(_cfg(tuned_split, tmp_path / "run", max_train_tiles=0, max_val_tiles=0))
+    resolved = json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]
+    fold = json.loads(tuned_split[1].read_text())["folds"][0]
+    assert resolved["train_patients"] == fold["train_patients"] and resolved["tune_patients"] == fold["tune_patients"]
+    assert resolved["val_patients"] == fold["val_patients"] and resolved["test_patients"] == []
+    assert not set(resolved["tune_patients"]) & (set(resolved["train_patients"]) | set(resolved["val_patients"]))
+    assert resolved["selection"].startswith("tuning set") and resolved["threshold"] == metrics["threshold"]
+    assert metrics["n_tune_patients"] == len(fold["tune_patients"]) and math.isfinite(metrics["tune_auc"])
+    assert metrics["n_val_patients"] == len(fold["val_patients"])
+
+
+def test_without_a_tuning_set_the_fixed_rule_applies_and_is_recorded(learn_data, tmp_path, caplog):
+    splits = json.loads(learn_data[1].read_text())
+    assert not splits["folds"][0]["tune_patients"]  # 10 patients in 2 folds: too few to spare a tuning set
+    with caplog.at_level("WARNING", logger="python_task"):
+        metrics = train(_cfg(learn_data, tmp_path / "run", epochs=2, patience=1))
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(lines) == 1 and "no tuning set" in lines[0] and "threshold 0.5" in lines[0], lines
+    assert metrics["selection_tuned"] == 0.0 and metrics["best_epoch"] == metrics["epochs_run"] == 2
+    assert metrics["threshold"] == FIXED_THRESHOLD and math.isnan(metrics["tune_auc"])
+    assert metrics["n_tune_patients"] == 0.0
+
+
+def test_a_format_1_split_trains_under_the_fixed_rule(learn_data, tmp_path, caplog):
+    shards, splits = learn_data
+    old = json.loads(splits.read_text())
+    old["format_version"] = 1
+    for key in ("tune_fraction", "test_fraction", "test_patients", "test_slides", "test_diagnoses"):
+        old.pop(key)
+    for f in old["folds"]:
+        f["train_patients"] = sorted(f["train_patients"] + f.pop("tune_patients"))
+        f["train_slides"] = sorted(f["train_slides"] + f.pop("tune_slides"))
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps(old))
+    with caplog.at_level("WARNING", logger="python_task"):
+        metrics = train(_cfg((shards, path), tmp_path / "run"))
+    assert metrics["selection_tuned"] == 0.0
+    assert any("format_version 1" in r.getMessage() for r in caplog.records)

@@ -267,3 +267,51 @@ def test_bad_options(kwargs, option):
     with pytest.raises(TaskError) as err:
         build_model("simple_cnn", args.pop("tile_size"), **args)
     assert_one_line(err, option)
+
+
+def test_tile_and_grey_scaling_remove_each_tiles_stain():
+    """``tile``: zero mean per tile and channel, the same output for a tile whose stain is shifted and scaled per
+    channel (what a different slide's staining does, to first order). ``grey``: the three channels equal (no hue
+    left), zero mean, the same output after a change of the tile's intensity and contrast. Blank glass stays
+    finite in both."""
+    x = 60 + 0.5 * tiles(3, 16, seed=5)  # 60..188: the shifted copies below stay inside 0..255
+    y = np.asarray(InputNormalization("tile")(x))
+    np.testing.assert_allclose(y.mean(axis=(1, 2)), 0.0, atol=1e-4)
+    shifted = np.clip(x * np.array([0.8, 0.9, 1.1], "float32") + np.array([20, -5, 3], "float32"), 0, 255)
+    assert (shifted > 0).all() and (shifted < 255).all()
+    np.testing.assert_allclose(np.asarray(InputNormalization("tile")(shifted)), y, atol=0.05)
+    g = np.asarray(InputNormalization("grey")(x))
+    assert g.shape == x.shape and np.array_equal(g[..., 0], g[..., 1]) and np.array_equal(g[..., 0], g[..., 2])
+    np.testing.assert_allclose(g.mean(axis=(1, 2)), 0.0, atol=1e-4)
+    contrasted = np.repeat(20 + 0.8 * tiles(3, 16, seed=6)[..., :1], 3, axis=-1)  # grey, std ~0.27 of the scale
+    np.testing.assert_allclose(np.asarray(InputNormalization("grey")(contrasted * 0.7 + 30)),
+                               np.asarray(InputNormalization("grey")(contrasted)), atol=0.1)  # up to the std floor
+    blank = np.full((1, 16, 16, 3), 240.0, "float32")
+    for mode in ("tile", "grey"):
+        assert np.all(np.isfinite(np.asarray(InputNormalization(mode)(blank))))
+
+
+@pytest.mark.parametrize("arch", ["simple_cnn", "unet_encoder", "mobilenet_v2"])
+def test_networks_from_scratch_use_fast_batchnorm_statistics(arch):
+    """Keras' momentum 0.99 left the moving statistics far off after a small cohort's few hundred steps."""
+    from python_task.training.models import BN_MOMENTUM
+
+    model = build_model(arch, 32, base_filters=4)
+    bns = [layer for layer in _all_layers(backbone_of(model)) if isinstance(layer, keras.layers.BatchNormalization)]
+    assert bns and all(layer.momentum == BN_MOMENTUM for layer in bns)
+
+
+def _all_layers(layer):
+    for sub in getattr(layer, "layers", []) or []:
+        yield sub
+        yield from _all_layers(sub)
+
+
+def test_input_scaling_resolves_by_weights():
+    from python_task.training.architectures import resolve_input_scaling
+
+    assert resolve_input_scaling("simple_cnn", "auto", pretrained=False) == "grey"
+    assert resolve_input_scaling("resnet50", "auto", pretrained=True) == "caffe"
+    assert resolve_input_scaling("resnet50", "auto", pretrained=False) == "grey"
+    assert resolve_input_scaling("resnet50", "tile", pretrained=True) == "tile"
+    assert resolve_input_scaling("simple_cnn", "architecture", pretrained=False) == "unit"
