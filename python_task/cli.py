@@ -303,7 +303,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 
 # demo's own defaults, as in python_task.experiments.demo.DemoConfig (a test keeps them equal)
-DEMO_DEFAULTS = {"patients": 12, "epochs": 3, "jobs": 2, "seed": 0}
+DEMO_DEFAULTS = {"patients": 12, "epochs": 6, "jobs": 2, "seed": 0}
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:

@@ -45,7 +45,7 @@ class DemoConfig:
     folds: int = 3
     archs: tuple[str, ...] = ("simple_cnn", "unet_encoder")
     stains: tuple[str, ...] = ("none", "macenko")
-    epochs: int = 3
+    epochs: int = 6
     input_size: int = 64
     tile_size: int = 64
     mpp: float = 1.0
