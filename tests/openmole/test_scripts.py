@@ -367,6 +367,24 @@ def test_parsed_metrics_are_the_result_metrics(common):
     assert set(RESULT_METRICS) | {"status", "error", "point_id", "out_dir"} <= set(parse_task.output_names())
 
 
+def test_a_factor_a_plan_does_not_sweep_trains_with_trains_own_default(common):
+    """pointDefaults fills every factor a plan leaves out: with train's default, so that a sweep over (say) the
+    learning rate alone trains what `train` would (e.g. augment flip,rot90, the default since issue 14)."""
+    from python_task.training.config import train_options
+
+    options = train_options()
+    node = common.value("pointDefaults")
+    plan_defaults = {d.val.name: d.value for d in node.defaults if d.val.name not in ("exitCode", "outDir", "fold")}
+    assert {"lr", "augment", "epochs", "patience"} <= set(plan_defaults)
+    for name, value in plan_defaults.items():
+        if options[name].required:  # arch: train has no default, the plans choose simple_cnn
+            continue
+        expected = options[name].fallback  # the AugmentOptions default for the augmentation ranges
+        if name == "augment":  # joined with '+' in the plans (CSVHook does not quote)
+            value = value.replace("+", ",")
+        assert value == expected, f"pointDefaults: {name} := {value!r}, train's default is {expected!r}"
+
+
 # ------------------------------------------------------------------------------------------------ structure
 
 def test_environment_is_chosen_in_one_place_with_lazy_environments():
