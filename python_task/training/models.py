@@ -63,11 +63,15 @@ class InputNormalization(keras.layers.Layer):
     Serialisable (``get_config``), so a saved ``model.keras`` keeps its input scaling.
     """
 
-    def __init__(self, mode: str = "unit", **kwargs) -> None:
+    def __init__(self, mode: str = "unit", pixel_scale: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
         if mode not in PREPROCESSING_MODES:
             raise ValueError(f"unknown preprocessing mode {mode!r}; choose from: {', '.join(PREPROCESSING_MODES)}")
         self.mode = mode
+        # "tile"/"grey" in front of a backbone that rescales inside (EfficientNet, ConvNeXt: x / 255, then ImageNet
+        # mean and std): the standardised tile is put back on that pixel scale, so the backbone's own scaling
+        # returns it unchanged. Without this it would shrink the tile's contrast 58-fold before the first layer.
+        self.pixel_scale = bool(pixel_scale)
 
     def call(self, inputs):
         x = ops.cast(inputs, self.compute_dtype)
@@ -80,7 +84,12 @@ class InputNormalization(keras.layers.Layer):
             mean = ops.mean(x, axis=(1, 2), keepdims=True)
             std = ops.std(x, axis=(1, 2), keepdims=True)
             x = (x - mean) / (std + TILE_STD_FLOOR)
-            return ops.concatenate([x, x, x], axis=-1) if self.mode == "grey" else x
+            if self.mode == "grey":
+                x = ops.concatenate([x, x, x], axis=-1)
+            if self.pixel_scale:
+                x = x * ops.convert_to_tensor([255.0 * s for s in _TORCH_STD], dtype=self.compute_dtype) + \
+                    ops.convert_to_tensor([255.0 * m for m in _TORCH_MEAN], dtype=self.compute_dtype)
+            return x
         if self.mode == "symmetric":
             return x / 127.5 - 1.0
         if self.mode == "caffe":
@@ -97,7 +106,7 @@ class InputNormalization(keras.layers.Layer):
 
     def get_config(self) -> dict:
         config = super().get_config()
-        config.update(mode=self.mode)
+        config.update(mode=self.mode, pixel_scale=self.pixel_scale)
         return config
 
 
@@ -205,7 +214,9 @@ def build_model(arch: str, tile_size: int, *, dropout: float = 0.3, weights: str
                 layer.momentum = BN_MOMENTUM
 
     inputs = keras.Input((int(tile_size), int(tile_size), 3), name="tile")
-    x = InputNormalization(preprocessing or spec.preprocessing, name=PREPROCESS)(inputs)
+    mode = preprocessing or spec.preprocessing
+    x = InputNormalization(mode, pixel_scale=mode in ("tile", "grey") and spec.preprocessing == "raw",
+                           name=PREPROCESS)(inputs)
     x = backbone(x)
     x = layers.Dropout(float(dropout), name="dropout")(x)
     outputs = layers.Dense(1, activation="sigmoid", dtype="float32", name=HEAD)(x)

@@ -315,3 +315,21 @@ def test_input_scaling_resolves_by_weights():
     assert resolve_input_scaling("resnet50", "auto", pretrained=False) == "grey"
     assert resolve_input_scaling("resnet50", "tile", pretrained=True) == "tile"
     assert resolve_input_scaling("simple_cnn", "architecture", pretrained=False) == "unit"
+
+
+def test_tile_scaling_survives_a_backbone_that_rescales_inside():
+    """EfficientNet and ConvNeXt divide by 255 and subtract ImageNet's mean inside: the grey/tile-standardised
+    input is handed to them on that pixel scale, so their own scaling gives back the standardised tile (before the
+    fix it reached the first convolution 58 times flatter, and neither network learnt: held-out AUC 0.48-0.51)."""
+    from python_task.training.models import _TORCH_MEAN, _TORCH_STD, PREPROCESS
+
+    x = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3)).astype("float32")
+    plain = np.asarray(InputNormalization("grey")(x))
+    scaled = np.asarray(InputNormalization("grey", pixel_scale=True)(x))
+    np.testing.assert_allclose((scaled / 255.0 - np.array(_TORCH_MEAN)) / np.array(_TORCH_STD), plain, atol=1e-4)
+    assert InputNormalization.from_config(InputNormalization("tile", pixel_scale=True).get_config()).pixel_scale
+    for arch, expected in (("efficientnet_b0", True), ("simple_cnn", False), ("mobilenet_v2", False)):
+        model = build_model(arch, 32, preprocessing="grey")
+        assert model.get_layer(PREPROCESS).pixel_scale is expected, arch
+    pretrained_style = build_model("efficientnet_b0", 32, preprocessing="raw")
+    assert pretrained_style.get_layer(PREPROCESS).pixel_scale is False
