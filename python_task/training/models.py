@@ -70,7 +70,7 @@ class InputNormalization(keras.layers.Layer):
         self.mode = mode
         # "tile"/"grey" in front of a backbone that rescales inside (EfficientNet, ConvNeXt: x / 255, then ImageNet
         # mean and std): the standardised tile is put back on that pixel scale, so the backbone's own scaling
-        # returns it unchanged. Without this it would shrink the tile's contrast 58-fold before the first layer.
+        # returns it unchanged. Without this the tile's contrast would reach the first layer 58 (ConvNeXt) to 255 (EfficientNet) times flatter.
         self.pixel_scale = bool(pixel_scale)
 
     def call(self, inputs):

@@ -320,7 +320,7 @@ def test_input_scaling_resolves_by_weights():
 def test_tile_scaling_survives_a_backbone_that_rescales_inside():
     """EfficientNet and ConvNeXt divide by 255 and subtract ImageNet's mean inside: the grey/tile-standardised
     input is handed to them on that pixel scale, so their own scaling gives back the standardised tile (before the
-    fix it reached the first convolution 58 times flatter, and neither network learnt: held-out AUC 0.48-0.51)."""
+    fix it reached the first convolution 58 to 255 times flatter, and neither network learnt: held-out AUC 0.48-0.51)."""
     from python_task.training.models import _TORCH_MEAN, _TORCH_STD, PREPROCESS
 
     x = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3)).astype("float32")
