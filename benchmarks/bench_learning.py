@@ -259,6 +259,13 @@ def histogram_baseline(shards: Path, splits: Path, folds: int) -> list[dict]:
 
 # --------------------------------------------------------------------------------------------- main
 
+def cohort_section(work: Path, seeds: list[int], patients: int, folds: int, overrides: dict) -> dict:
+    """Every fold of a fresh cohort per seed trained with ``train``'s defaults: the section's report entry."""
+    cohorts, rows = cohort_runs(work, seeds, patients, folds, overrides)
+    return {"seeds": seeds, "cohorts": cohorts, "folds": rows, "tile_auc": summary([r["val_auc"] for r in rows]),
+            "patient_auc": summary([r["val_patient_auc"] for r in rows])}
+
+
 def main() -> int:
     from python_task.training.architectures import architecture_names
 
@@ -310,10 +317,8 @@ def main() -> int:
     lines: list[str] = []
     with scratch_folder("bench_learning_", keep=args.keep) as work:
         if "cohorts" in sections:
-            cohorts, rows = cohort_runs(work, seeds, 12, 3, overrides)
-            s = summary([r["val_auc"] for r in rows])
-            report["cohorts"] = {"seeds": seeds, "cohorts": cohorts, "folds": rows, "tile_auc": s,
-                                 "patient_auc": summary([r["val_patient_auc"] for r in rows])}
+            report["cohorts"] = cohort_section(work, seeds, 12, 3, overrides)
+            s, rows = report["cohorts"]["tile_auc"], report["cohorts"]["folds"]
             targets["12 patients x 3 folds: median held-out tile AUC >= 0.90"] = bool(s["median"] >= 0.90)
             targets["12 patients x 3 folds: worst fold >= 0.75"] = bool(s["worst"] >= 0.75)
             lines.append(f"12 patients, 3 folds, seeds {seeds}: held-out tile AUC median {s['median']:.3f}, worst "
@@ -322,10 +327,8 @@ def main() -> int:
                          f"{report['cohorts']['patient_auc']['worst']:.3f}")
             lines += [fold_line(f"seed {r['seed']}", r) for r in rows]
         if "small" in sections:
-            cohorts, rows = cohort_runs(work, small_seeds, 8, 2, overrides)
-            s = summary([r["val_auc"] for r in rows])
-            report["small"] = {"seeds": small_seeds, "cohorts": cohorts, "folds": rows, "tile_auc": s,
-                               "patient_auc": summary([r["val_patient_auc"] for r in rows])}
+            report["small"] = cohort_section(work, small_seeds, 8, 2, overrides)
+            s, rows = report["small"]["tile_auc"], report["small"]["folds"]
             targets["8 patients x 2 folds: no fold below 0.70"] = bool(s["worst"] >= 0.70)
             lines.append(f"8 patients, 2 folds, seeds {small_seeds}: held-out tile AUC median {s['median']:.3f}, "
                          f"worst {s['worst']:.3f} ({s['n']} folds)")

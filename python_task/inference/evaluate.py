@@ -33,13 +33,12 @@ from python_task.fileio import (
     folder_lock,
     nan_for_null,
     remove_stale_temporaries,
-    write_csv_atomic,
     write_json_atomic,
 )
 from python_task.inference.predict import load_bundle
 from python_task.shards.manifest import read_manifest
 from python_task.training.metrics import aggregate, bootstrap_interval, evaluation_metrics
-from python_task.training.scoring import predict_index
+from python_task.training.scoring import predict_index, write_predictions
 from python_task.transforms.stain import StainTransform
 
 METRICS_NAME = "test_metrics.json"
@@ -129,10 +128,7 @@ def _score(model_path: Path, shards: Path, test_slides: list[str], out: Path, re
         low, high = bootstrap_interval(y, prob, index.patient_ids, statistic)
         metrics.update({f"{key}_ci_low": low, f"{key}_ci_high": high})
     metrics["n_test_tiles"] = float(len(index))
-    write_csv_atomic(out / PREDICTIONS_NAME, [
-        {"slide_id": s, "patient_id": p, "x": int(c[0]), "y": int(c[1]), "label": int(t), "prob": float(q)}
-        for s, p, c, t, q in zip(index.slide_ids, index.patient_ids, index.coords, y, prob)],
-        fieldnames=["slide_id", "patient_id", "x", "y", "label", "prob"])
+    write_predictions(out / PREDICTIONS_NAME, index, prob)
     write_json_atomic(out / RECORD_NAME, record)
     write_json_atomic(out / METRICS_NAME, metrics)  # last: its presence means the evaluation is complete
     return metrics

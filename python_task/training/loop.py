@@ -68,7 +68,7 @@ from python_task.training.metrics import (
     evaluation_metrics,
 )
 from python_task.training.models import build_model, count_params, unfreeze_backbone
-from python_task.training.scoring import predict_index
+from python_task.training.scoring import predict_index, write_predictions
 from python_task.transforms.augment_layers import build_augmenter
 from python_task.transforms.augmentations import resolve_engine
 
@@ -78,7 +78,6 @@ ADAMW_WEIGHT_DECAY = 1e-4  # AdamW's decay when weight_decay is 0 (AdamW without
 SGD_MOMENTUM = 0.9  # Nesterov momentum of sgd
 FINE_TUNE_LR_FACTOR = 0.1  # the learning rate is scaled by this when a frozen backbone is unfrozen
 HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "tune_loss", "tune_auc", "seconds"]
-PREDICTION_COLUMNS = ["slide_id", "patient_id", "x", "y", "label", "prob"]
 
 
 # --------------------------------------------------------------------------------------------- entry point
@@ -333,12 +332,6 @@ def _tensorboard_writer(cfg: TrainConfig):
 
 
 # --------------------------------------------------------------------------------------------- outputs
-
-def write_predictions(path: Path, index, prob: np.ndarray) -> None:
-    rows = [{"slide_id": s, "patient_id": p, "x": int(c[0]), "y": int(c[1]), "label": int(y), "prob": float(q)}
-            for s, p, c, y, q in zip(index.slide_ids, index.patient_ids, index.coords, index.labels, prob)]
-    write_csv_atomic(path, rows, fieldnames=PREDICTION_COLUMNS)
-
 
 def finish_run(cfg: TrainConfig, data: RunData, state: RunState, policy: str, t_start: float,
                engine: str) -> dict[str, float]:

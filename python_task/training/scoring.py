@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
-from python_task.data.dataset import ShardBatches, iterate_batches
+from python_task.data.dataset import ShardBatches, TileIndex, iterate_batches
+from python_task.fileio import write_csv_atomic
+
+PREDICTION_COLUMNS = ["slide_id", "patient_id", "x", "y", "label", "prob"]
 
 
 def predict_padded(model, x: np.ndarray, batch_size: int) -> np.ndarray:
@@ -20,3 +25,11 @@ def predict_index(model, batches: ShardBatches) -> np.ndarray:
     probs = [predict_padded(model, x, batches.batch_size)
              for x, _ in iterate_batches(batches, threads=max(1, batches.workers))]
     return np.concatenate(probs) if probs else np.empty(0)
+
+
+def write_predictions(path: str | os.PathLike[str], index: TileIndex, prob: np.ndarray) -> None:
+    """One row per tile of ``index`` with its probability (``train``'s predictions.csv, ``evaluate``'s
+    test_predictions.csv)."""
+    rows = [{"slide_id": s, "patient_id": p, "x": int(c[0]), "y": int(c[1]), "label": int(y), "prob": float(q)}
+            for s, p, c, y, q in zip(index.slide_ids, index.patient_ids, index.coords, index.labels, prob)]
+    write_csv_atomic(path, rows, fieldnames=PREDICTION_COLUMNS)
