@@ -69,6 +69,8 @@ def evaluate_model(model_path: str | os.PathLike[str], shards: str | os.PathLike
     model_path, shards, splits, out = Path(model_path), Path(shards), Path(splits), Path(out)
     if model_path.is_dir():
         model_path = model_path / "model.keras"
+    if not model_path.is_file():
+        raise TaskError(model_path, "not found: give the model.keras that train writes (or its run folder)")
     config_path = model_path.parent / "config.json"
     try:
         config = json.loads(config_path.read_text())

@@ -92,3 +92,11 @@ def test_one_evaluation_per_folder(test_split, tmp_path):
         with pytest.raises(BusyError, match="in use by another run \\(evaluate, pid"):
             evaluate_model(run / "model.keras", shards, splits, tmp_path / "eval")
     assert not (tmp_path / "eval" / "test_metrics.json").exists()
+
+
+def test_a_missing_model_is_named_before_anything_else(test_split, tmp_path):
+    shards, splits, run, _ = test_split
+    (tmp_path / "config.json").write_text((run / "config.json").read_text())  # a run folder without its model
+    with pytest.raises(TaskError, match="not found") as exc:
+        evaluate_model(tmp_path / "model.keras", shards, splits, tmp_path / "eval")
+    assert exc.value.path == str(tmp_path / "model.keras") and not (tmp_path / "eval").exists()
