@@ -7,6 +7,11 @@ the train task receives its sampled value, or when it is not a train option and 
 (``log10_lr`` read by ``lrFromLog10``, which makes ``lr``). Otherwise the report names the first task after which
 the factor was gone: a task between the sampling and the point that is neither a ``Strain(...)`` nor declares the
 factor.
+
+It also checks the point's output files: a File value that the training task RECEIVES under the name of one of its
+File outputs wins over the folder the task produces (``External.fetchOutputFiles``, ``External.scala:136, 141-143``
+at v22.1, ported in :func:`engine.fetch_output_files`), so the point would return that value (e.g. a TryTask's
+fallback ``outDir``) instead of its results.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .dsl import LHS, NSGA2, DirectSampling, Factor, Plan, Product, Settings, Task, task_nodes
+from .dsl import LHS, NSGA2, DirectSampling, Factor, Plan, Product, Settings, Task, all_tasks
 from .engine import Engine, _typed, load_plan
 
 POINT_TASKS = ("trainInContainer", "trainWithApptainer")
@@ -98,6 +103,12 @@ def check_plan(name: str, settings: Settings, root: Path) -> FlowReport:
                                        f"(inputs, outputs)")
         elif name not in used_by_a_task:
             report.problems.append(f"{name}: sampled but neither a train option nor read by any task")
+    for val in point_task.outputs:
+        if val.type == "File" and val.name in report.received:
+            report.problems.append(
+                f"{val.name}: {point_task.name} receives {val.name} = {report.received[val.name]} and returns it in "
+                f"place of the folder it produces (External.fetchOutputFiles: a File of its outputs already in its "
+                f"context wins); give it a context without {val.name}, e.g. TryTask(MoleTask(onlyFactors -- train))")
     for ref in re.findall(r"\$\{(\w+)\}", plan.value("trainCommand")):
         if ref not in train_inputs:
             report.problems.append(f"${{{ref}}} is in the train command but not an input of {point_task.name}")
@@ -118,12 +129,7 @@ def _first_dropper(engine: Engine, name: str) -> str:
 
 
 def _task_named(workflow: Any, name: str) -> Task | None:
-    for node in task_nodes(workflow):
-        if node.task.name == name:
-            return node.task
-        if node.task.wrapped is not None and node.task.wrapped.name == name:
-            return node.task.wrapped
-    return None
+    return next((task for task in all_tasks(workflow) if task.name == name), None)
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -1,61 +1,109 @@
 """An emulation of the OpenMOLE engine, for running the project's plans here, for real, without OpenMOLE.
 
 It runs a plan evaluated by :mod:`dsl` the way OpenMOLE runs it, and each rule below is taken from OpenMOLE's
-source: openmole/openmole at release v22.1 (2026-03-02) and dev f27e8a2c7a (2026-03-05), which agree on all of
-them, and the container library openmole/container at 0c33be67ac, the commit OpenMOLE pins
-(``openmole/project/common.scala:19``). Paths: ``WF/`` = ``openmole/core/org.openmole.core.workflow/src/main/
-scala/org/openmole/core/workflow/``, ``CT/`` = ``openmole/plugins/org.openmole.plugin.task.container/src/main/
-scala/org/openmole/plugin/task/container/``, ``EXT/`` = ``openmole/plugins/org.openmole.plugin.task.external/
-src/main/scala/org/openmole/plugin/task/external/``, ``SE/`` = ``openmole/plugins/org.openmole.plugin.task.
-systemexec/src/main/scala/org/openmole/plugin/task/systemexec/``. Check them again when OpenMOLE changes.
+source: openmole/openmole at release v22.1 (2026-03-02), the version the project targets (line numbers are
+v22.1's; dev f27e8a2c7a, 2026-03-05, agrees on every rule), and the container library openmole/container at
+0c33be67ac, the commit OpenMOLE pins (``openmole/project/common.scala:19``). Paths: ``WF/`` =
+``openmole/core/org.openmole.core.workflow/src/main/scala/org/openmole/core/workflow/``, ``CT/`` =
+``openmole/plugins/org.openmole.plugin.task.container/src/main/scala/org/openmole/plugin/task/container/``,
+``EXT/`` = ``openmole/plugins/org.openmole.plugin.task.external/src/main/scala/org/openmole/plugin/task/
+external/``, ``SE/`` = ``openmole/plugins/org.openmole.plugin.task.systemexec/src/main/scala/org/openmole/plugin/
+task/systemexec/``, ``BATCH/`` = ``openmole/plugins/org.openmole.plugin.environment.batch/src/main/scala/org/
+openmole/plugin/environment/batch/``, ``CTX/`` = ``openmole/core/org.openmole.core.context/src/main/scala/org/
+openmole/core/context/``, ``container:`` = openmole/container's ``src/main/scala/container/``. Check them again
+when OpenMOLE changes (``test_rules.py`` re-reads the key lines where an OpenMOLE repository is at hand).
 
 Data flow
-    * A task's result is cut down to its declared outputs (``WF/task/InputOutputCheck.scala:93-110``); a strained
-      task passes on the context it received as well (``WF/job/Job.scala:98-99``).
-    * A transition delivers only the variables that are inputs (or ``:=`` defaults) of the next task; a strained
-      task receives everything (``WF/transition/Transition.scala:82``, ``WF/mole/MoleCapsule.scala:131-145``).
+    * A context holds one value per name; ``ctx ++ variables`` keeps the LAST value given for a name
+      (``CTX/Context.scala:146,157``).
+    * A task runs through ``InputOutputCheck.perform`` (``WF/task/InputOutputCheck.scala:96-111``): defaults
+      complete the context it received, a missing input throws ("Input errors have been found in t: Input data
+      'x: T' has not been found."), the task's process runs on the WHOLE completed context (not cut down to its
+      inputs), its result is ``completed + produced``, a missing output throws ("Output errors in t: Output data
+      'x: T' has not been found."), and the result is cut down to the declared outputs (``filterOutput``, 93-94);
+      a strained task passes on the context it received as well (``WF/job/Job.scala:98-99``).
+    * A transition delivers only the variables that are inputs (or ``:=`` defaults) of the next capsule; a
+      strained capsule receives everything (``WF/transition/Transition.scala:82``, ``WF/mole/
+      ContextAggregator.scala:31-58``, ``WF/mole/MoleCapsule.scala:131-145``). The first capsule of a mole
+      execution is submitted with the whole context it is started with (``WF/mole/MoleExecution.scala:194-221,
+      374-391``): :attr:`Ctx.submitted`.
     * A default fills a missing input; a value that arrives wins unless the default overrides
-      (``openmole/core/org.openmole.core.argument/.../DefaultSet.scala:46-51``). A missing input fails the task
-      ("Input data 'x' has not been found").
+      (``openmole/core/org.openmole.core.argument/src/main/scala/org/openmole/core/argument/DefaultSet.scala:
+      46-51``); a task's inputs include the vals of its defaults (``WF/task/Task.scala:213``).
     * DirectSampling is a strained sampler, a strained first task, the evaluation, a last task keeping the
       evaluation's outputs; with an aggregation, its hooks see the aggregated values and the context that reached
-      the sampler, without the explored factors (``openmole/plugins/org.openmole.plugin.tool.pattern/.../
-      MapReduce.scala:15-29``). Every sample gets a new ticket (``WF/transition/Transition.scala:234``).
+      the sampler, without the explored factors (``openmole/plugins/org.openmole.plugin.tool.pattern/src/main/
+      scala/org/openmole/plugin/tool/pattern/MapReduce.scala:15-29``). Every sample gets a new ticket
+      (``WF/transition/Transition.scala:234``).
     * A hook on a task sees that task's result and ``openmole$experiment``, the ticket
       (``WF/mole/MoleExecution.scala:294``).
-    * TryTask runs the wrapped task and, if it throws, returns its own input context (with defaults) as the
-      result (``WF/task/TryTask.scala:40-66``).
+    * TryTask: its inputs are the wrapped task's inputs plus its outputs, its defaults the wrapped task's
+      (``WF/task/TryTask.scala:40-50``); it runs the wrapped task's PROCESS (no input check or default of its own)
+      on the TryTask's whole context, and if that throws, returns that context as the result (57-66).
+    * MoleTask (``WF/task/MoleTask.scala``): inputs = the root capsule's inputs, outputs = the last capsule's
+      outputs, defaults = the root task's defaults (56-63); its process starts a new mole execution with the
+      context it received (153: ``execution.run(Some(context))``), whose root capsule is submitted with that
+      whole context (``MoleExecution.scala:391``), on a local environment of one thread whatever ``on env`` the
+      inner capsules carry (122-138: no environment is passed); the result is the last capsule's job result
+      (140-142, 158: ``JobFinished.context``, ``MoleExecution.scala:367-369``); a task failing inside cancels the
+      inner execution, whose ``run`` rethrows (``MoleExecution.scala:359-366, 795-801``): the MoleTask throws.
+      Its tickets are the inner execution's (``MoleExecution.scala:728``: the first is 1).
     * A task that throws cancels a local execution (``WF/mole/MoleExecution.scala:359-366``); on a batch
-      environment the job is resubmitted with no limit (``openmole/plugins/org.openmole.plugin.environment.batch/
-      .../refresh/KillActor.scala:32-37``, ``.../JobManager.scala:80-89``): here :class:`EndlessResubmission`
-      after a few tries.
+      environment the job is resubmitted with no limit (``BATCH/refresh/GetResultActor.scala:84-88`` ->
+      ``BATCH/refresh/JobManager.scala:80-89`` -> ``BATCH/refresh/KillActor.scala:32-37``): here
+      :class:`EndlessResubmission` after a few tries.
 
-ContainerTask (``CT/ContainerTask.scala:410-613``, ``container`` ``Singularity.scala`` ``executeImage``)
-    * Resources are copied (``link = true``: symlinked) into the task's directory and bound at their destination;
-      ``EmptyDirectory`` is a fresh empty folder bound there; ``hostFiles`` are bound as they are; binds are
-      sorted by the depth of their destination (``EXT/External.scala:82-92``, ``CT/ContainerTask.scala:446-469``).
+External tasks' output files (``EXT/External.scala:129-175``, ``External.fetchOutputFiles``), for ContainerTask
+(``CT/ContainerTask.scala:618-625``, no work directory) and SystemExecTask (``SE/SystemExecTask.scala:145``, work
+directory = the task's temporary folder): :func:`fetch_output_files`
+    * The files are the declared output files (``outputFiles +=``) PLUS every File-typed value of the task's
+      declared outputs already in the context it received (``contextFiles``, 129-130), distinct (141-143).
+    * Every one must exist, else ``Output file <path> (stored in variable <x: T>) doesn't exist, its parent
+      directory ...`` (145-153), the context's files too.
+    * A file inside a work directory is replaced by its real path (155-157); the result is ``context ++
+      files``, so a File the context already held for that name comes LAST and WINS over the file the task
+      produced (136); then the outputs' files inside a work directory are moved out of it (137, 161-175).
+
+ContainerTask (``CT/ContainerTask.scala:427-630`` ``process``, ``container:Singularity.scala:250-349``
+``executeImage``)
+    * Resources are copied (``link = true``: symlinked, an ``EmptyDirectory`` a link to a fresh empty folder)
+      under the task's directory, at ``<sha1(destination)>/<destination>`` (``EXT/External.scala:79-120``,
+      ``CT/ContainerTask.scala:475-479``); binds are ``hostFiles`` then resources, stably sorted by the depth of
+      their destination, then ``/_result_``, then ``/_run_commands.sh`` (``CT/ContainerTask.scala:463-486, 529,
+      541-570``; ``container:Singularity.scala:307-316, 343-344``); a relative destination is resolved against the
+      image's WORKDIR (``CT/ContainerTask.scala:259-268``).
     * One script, ``/_run_commands.sh``, run with ``sh``: ``export NAME="value"`` for the image's ENV, then the
-      task's ``environmentVariables``, then ``HOME=/home/user``; then the command followed by
-      ``; _PROCESS_RET_CODE_=$? ; true`` (when a return value is kept), ``mkdir -p "/_result_/<uuid>/"`` and
-      ``cp -ra "<output>" "/_result_/<uuid>/"`` per output file, and ``exit $_PROCESS_RET_CODE_``, joined with
-      ``&& \\`` and a newline. Singularity runs it with ``--contain --cleanenv``: no host variable gets in.
+      task's ``environmentVariables``, then ``HOME=/home/user``; then the command (several joined with `` && ``)
+      followed by ``; _PROCESS_RET_CODE_=$? ; true`` (when a return value is kept), ``mkdir -p "/_result_/<uuid>/"``
+      and ``cp -ra "<output>" "/_result_/<uuid>/"`` per output file, and ``exit $_PROCESS_RET_CODE_``, joined with
+      ``&& \\`` and a newline (``CT/ContainerTask.scala:488-527``, ``container:Singularity.scala:260, 273-289``).
+      Singularity runs it with ``--no-home --contain --cleanenv``: no host variable gets in, ``/tmp`` is fresh
+      (``container:Singularity.scala:330-347``).
     * A bind whose host path is missing stops Singularity before the script (exit 255).
-    * A declared output file that did not come back throws ``Output file ... doesn't exist``
-      (``EXT/External.scala:149-153``); with ``returnValue`` a non-zero exit does not throw.
+    * With ``returnValue`` a non-zero exit does not throw; without, it throws ``Process "<command>" exited with an
+      error code N (it should equal 0).`` (``CT/ContainerTask.scala:588-605``). Output files: see above.
 
-SystemExecTask (``SE/SystemExecTask.scala:108-152``, ``SE/package.scala:213-222``)
-    * The first command only (``command.find``), as ``bash -c``, in a fresh temporary folder, with the job's
-      environment plus ``environmentVariables``; resources and output files relative to that folder.
+SystemExecTask (``SE/SystemExecTask.scala:108-152``, ``SE/package.scala:213-223, 277-286, 329-354``)
+    * The first command only (``command.find``, 123), as ``bash -c``, in a fresh temporary folder (112), with the
+      job's environment plus ``environmentVariables``; resources relative to that folder (113), output files
+      relative to it and moved out of it before it is deleted (145). A non-zero exit without ``returnValue``
+      throws ``Error executing command:\\nbash -c <command>, return code was not 0 but N``.
 
-CSVHook (``WF/hook/CSVHook.scala``, ``openmole/core/org.openmole.core.format/.../CSVFormat.scala``)
-    * Every variable of the hook's context, columns sorted by name, values by ``toString`` with no quoting
-      (arrays ``"[a,b]"``), ``,`` and ``\\n``; the header only when the file is missing or empty; later rows and
-      later executions append. CopyFileHook copies (a folder: merged) to a destination expanded from the context.
+CSVHook (``WF/hook/CSVHook.scala:34-44``, ``openmole/core/org.openmole.core.format/.../CSVFormat.scala``)
+    * Every variable of the hook's context, columns sorted by name (a TreeMap, ``CTX/Context.scala:34``), values
+      by ``toString`` with no quoting (arrays ``"[a,b]"``), ``,`` and ``\\n``; the header only when the file is
+      missing or empty; later rows and later executions append. CopyFileHook copies (a folder: merged, links as
+      links) to a destination expanded from the context (``openmole/plugins/org.openmole.plugin.hook.file/src/
+      main/scala/org/openmole/plugin/hook/file/CopyFileHook.scala:79-95``, tool.file ``package.scala:121-131``).
 
 Where this emulation must differ from a real node it says so: the "image" is this checkout's virtual environment
 (``/opt/venv/bin`` of the image's PATH is replaced by it, and ``PYTHONPATH`` points at the checkout), the
-container is a private mount namespace (``unshare --mount``, root only) with the binds at their absolute paths,
-and the working folder is a fresh empty one when the host's ``/work`` (the image's WORKDIR) is not free.
+container is a private mount namespace (``unshare --mount``, root only) over this machine's root with the binds at
+their absolute paths, an empty read-only ``/home`` (the image has no ``/home/user``, and a container runs as the
+caller's uid, which cannot create it), and the working folder is a fresh empty one when the host's ``/work`` (the
+image's WORKDIR) is not free. The process runs as root here, not as the caller's uid: a write that only root may
+make passes here. Not modelled either: the overlay a job's points share (SingularityOverlay(reuse = true)),
+proxies, the variables Singularity adds, validation, job states, transfers of files to and from nodes.
 """
 
 from __future__ import annotations
@@ -212,12 +260,15 @@ def run_isolated(argv: Sequence[str], binds: Sequence[Bind], env: Mapping[str, s
     """Run ``argv`` in a private mount namespace whose root is this machine's, with ``binds`` at their absolute
     paths (the top folders they create are fresh, as in a container image), an empty environment plus ``env``,
     and optionally a fresh ``/tmp`` (Singularity's ``--contain``). A missing bind source fails as Singularity
-    does, before anything runs (exit 255)."""
+    does, before anything runs (exit 255). ``/home`` is an empty read-only folder: the image has no ``/home/user``
+    (the ``HOME`` OpenMOLE exports) and a container runs as the caller's uid, which cannot create it in an
+    overlay or a read-only SIF; this also keeps the host's ``/home`` out of reach of a process run here as root."""
     tops = {b.destination.strip("/").split("/")[0] for b in binds}
     if cwd is None:  # the image's WORKDIR, unless this machine's /work must stay visible (it may hold the checkout)
         cwd = "/work" if not Path("/work").exists() else "/_workdir_"
         tops.add(cwd.strip("/").split("/")[0])
-    skip = tops | ({"tmp"} if fresh_tmp else set())
+    private_home = "home" not in tops and _private_home_possible()
+    skip = tops | ({"tmp"} if fresh_tmp else set()) | ({"home"} if private_home else set())
     q = shlex.quote
     lines = ["set -e", 'root=$(mktemp -d /tmp/om-root.XXXXXX)', 'mount -t tmpfs -o mode=0755 om-root "$root"']
     for b in binds:
@@ -230,10 +281,14 @@ def run_isolated(argv: Sequence[str], binds: Sequence[Bind], env: Mapping[str, s
             lines.append(f'ln -s {q(os.readlink(path))} "$root"/{q(entry)}')
         elif path.is_dir():
             lines.append(f'mkdir "$root"/{q(entry)} && mount --rbind {q(str(path))} "$root"/{q(entry)}')
-    if fresh_tmp:
+    if fresh_tmp:  # container:Singularity.scala:330-347 --contain: /tmp and /var/tmp from a fresh --workdir
         lines.append('mkdir "$root/tmp" && mount -t tmpfs -o mode=1777 om-tmp "$root/tmp"')
+        if Path("/var/tmp").is_dir() and "var" not in skip:
+            lines.append('mount -t tmpfs -o mode=1777 om-vartmp "$root/var/tmp"')
+    if private_home:
+        lines.append('mkdir "$root/home" && mount -t tmpfs -o mode=0755,ro om-home "$root/home"')
     lines.append(f'mkdir -p "$root"{q(cwd)}')
-    for b in sorted(binds, key=lambda b: len(b.destination.split("/"))):
+    for b in binds:  # in the order given, as Singularity and Apptainer mount their -B binds
         target = '"$root"' + q(b.destination)
         if Path(b.source).is_dir():
             lines.append(f"mkdir -p {target}")
@@ -264,6 +319,9 @@ def run_isolated(argv: Sequence[str], binds: Sequence[Bind], env: Mapping[str, s
 class Ctx:
     values: dict[str, Any]
     ticket: int
+    # submitted straight to a capsule (the first capsule of a mole execution, ``MoleExecution.scala:391``), not
+    # delivered by a transition: the capsule receives all of it, whatever its inputs
+    submitted: bool = False
 
 
 @dataclass
@@ -276,8 +334,8 @@ class Event:
 
 
 def expand(template: str, values: Mapping[str, Any]) -> str:
-    """``ExpandedString``: ``${name}`` -> the value's ``toString`` (core.argument ``ExpandedString.scala:127-135``).
-    Other ``${code}`` would be compiled as Scala: unsupported here."""
+    """``ExpandedString``: ``${name}`` -> the value's ``toString`` (core.argument ``ExpandedString.scala:59-116,
+    137-147``). Other ``${code}`` would be compiled as Scala: unsupported here."""
     out, i = [], 0
     while True:
         j = template.find("${", i)
@@ -317,12 +375,14 @@ def write_csv_hook(path: Path, values: Mapping[str, Any]) -> None:
 
 class Engine:
     """Runs a plan. ``dry`` replaces the two external tasks by a record of what they received (exit 0 and an
-    empty output folder): the data flow alone, at no cost."""
+    empty output folder, through the same output-file rule): the data flow alone, at no cost. ``first_samples``
+    and ``select`` cut down the outermost sampling, ``inner_samples`` the nested ones (the folds), to keep a test
+    short."""
 
     def __init__(self, plan: Plan, root: Path, *, dry: bool = False, select: Callable[[dict], bool] | None = None,
                  first_samples: int | None = None, resubmissions: int = 3, job_environ: Mapping[str, str] | None
                  = None, lhs_seed: int = 0, genome: Mapping[str, Any] | None = None,
-                 outer_sample: Mapping[str, Any] | None = None) -> None:
+                 outer_sample: Mapping[str, Any] | None = None, inner_samples: int | None = None) -> None:
         self.plan = plan
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -334,10 +394,12 @@ class Engine:
         self.lhs_seed = lhs_seed
         self.genome = dict(genome or {})
         self.outer_sample = dict(outer_sample) if outer_sample is not None else None
+        self.inner_samples = inner_samples
         self.vals = plan.vals()
         self.events: list[Event] = []
         self._ticket = itertools.count(1)
         self._depth = 0
+        self._mole_depth = 0  # > 0 inside a MoleTask's own mole execution
 
     # -------------------------------------------------------------------------------------------- driving
 
@@ -370,6 +432,8 @@ class Engine:
                 samples = [s for s in samples if self.select(s)]
             if self.first_samples is not None:
                 samples = samples[:self.first_samples]
+        elif self.inner_samples is not None:
+            samples = samples[:self.inner_samples]
         explored = {name for s in samples for name in s}
         out_names = evaluation_outputs(ds.evaluation)
         results = []
@@ -448,8 +512,8 @@ class Engine:
 
     def run_node(self, node: Node, ctx: Ctx) -> Ctx:
         task = node.task
-        received = dict(ctx.values) if node.strain else {k: v for k, v in ctx.values.items()
-                                                           if k in task.input_names()}
+        received = dict(ctx.values) if node.strain or ctx.submitted else {k: v for k, v in ctx.values.items()
+                                                                          if k in task.input_names()}
         attempts = 0
         while True:
             try:
@@ -457,7 +521,8 @@ class Engine:
                 break
             except TaskFailure as exc:
                 attempts += 1
-                env = node.environment
+                # inside a MoleTask every capsule runs on the MoleTask's local environment (MoleTask.scala:122-138)
+                env = node.environment if self._mole_depth == 0 else None
                 self.events.append(Event("failure", task.name, {"error": str(exc), "attempt": attempts}))
                 if env is not None and env.batch:
                     if attempts > self.resubmissions:
@@ -471,19 +536,22 @@ class Engine:
         return Ctx(result, ctx.ticket)
 
     def perform(self, task: Task, received: Mapping[str, Any]) -> dict[str, Any]:
-        """``InputOutputCheck.perform``: defaults, input check, the task, the outputs."""
+        """``InputOutputCheck.perform`` (``WF/task/InputOutputCheck.scala:96-111``): defaults, input check, the
+        task's process on the whole completed context, ``completed + produced``, output check, the outputs."""
         completed = dict(received)
         for d in task.defaults:
             if d.override or d.val.name not in completed:
                 completed[d.val.name] = _typed(d.val, d.value)
-        missing = [v.name for v in task.inputs if v.name not in completed]
+        missing = [v for v in task.inputs if v.name not in completed]
         if missing:
-            raise TaskFailure(f"Input data '{missing[0]}' has not been found (task {task.name})")
+            errors = ", ".join("Input data '" + val_str(v) + "' has not been found" for v in missing)
+            raise TaskFailure(f"Input errors have been found in {task.name}: {errors}.")
         produced = self.process(task, completed)
         merged = {**completed, **produced}
-        missing = [o for o in task.output_names() if o not in merged]
+        missing = [v for v in dict((v.name, v) for v in task.outputs).values() if v.name not in merged]
         if missing:
-            raise TaskFailure(f"Variable {missing[0]} not found in the output of {task.name}")
+            errors = ", ".join("Output data '" + val_str(v) + "' has not been found" for v in missing)
+            raise TaskFailure(f"Output errors in {task.name}: {errors}.")
         return {o: merged[o] for o in task.output_names()}
 
     def process(self, task: Task, ctx: Mapping[str, Any]) -> dict[str, Any]:
@@ -498,12 +566,14 @@ class Engine:
                 # the data flow alone: an unported task's outputs are placeholders
                 return {o: ctx.get(o, f"<{o} of {task.name}>") for o in task.output_names()}
             return port(task.args["code"], ctx, scala_str)
-        if task.kind == "TryTask":
+        if task.kind == "TryTask":  # WF/task/TryTask.scala:59-66: the wrapped task's process, on the whole context
             try:
                 return self.process(task.wrapped, ctx)
             except TaskFailure as exc:
                 self.events.append(Event("caught", task.name, {"error": str(exc)}))
                 return {}
+        if task.kind == "MoleTask":
+            return self.mole_task(task, ctx)
         if self.dry:
             return self.dry_run(task, ctx)
         if task.kind == "ContainerTask":
@@ -512,29 +582,64 @@ class Engine:
             return self.system_exec_task(task, ctx)
         raise Unsupported(task.kind)
 
+    def mole_task(self, task: Task, ctx: Mapping[str, Any]) -> dict[str, Any]:
+        """``MoleTask``'s process (``WF/task/MoleTask.scala:97-158``): a new mole execution started with the whole
+        context, its root capsule submitted with all of it, the result the last capsule's job result; a failure
+        inside cancels that execution and the MoleTask throws."""
+        chain = task.args["mole"]
+        saved_ticket, self._ticket = self._ticket, itertools.count(2)  # the inner execution's tickets: 1 is the root's
+        self._mole_depth += 1
+        try:
+            results = self.execute(chain, [Ctx(dict(ctx), 1, submitted=True)])
+        except ExecutionCancelled as exc:
+            raise TaskFailure(f"{task.name}: {exc}") from exc
+        finally:
+            self._mole_depth -= 1
+            self._ticket = saved_ticket
+        if not results:
+            raise TaskFailure(f"Last capsule of {task.name} has never been executed.")
+        return dict(results[-1].values)
+
     def dry_run(self, task: Task, ctx: Mapping[str, Any]) -> dict[str, Any]:
-        command = task.args["positional"][1] if task.kind == "ContainerTask" else task.args["command"][0]
+        """An external task that records the context it received and produces, for each output file, an empty
+        folder; its result goes through the same output-file rule as a real run (:func:`fetch_output_files`)."""
+        check_external_arguments(task)
+        if task.kind == "ContainerTask":
+            positional = task.args.get("positional", [])
+            commands = positional[1] if len(positional) > 1 else task.args["command"]
+            command = " && ".join(commands) if isinstance(commands, list) else commands
+        else:
+            command = task.args["command"][0]
         self.events.append(Event("dry", task.name, {"command": expand(command, ctx), "context": dict(ctx)}))
-        out = {}
-        for _, val in task.output_files:
-            folder = self.root / f"dry-{uuid.uuid4()}"
-            folder.mkdir()
-            out[val.name] = folder
+        work = self.root / f"dry-{uuid.uuid4()}"
+        file_outputs = []
+        for origin, val in task.output_files:
+            produced = work / expand(origin, ctx).lstrip("/")
+            produced.mkdir(parents=True)
+            file_outputs.append((val, produced))
+        work_directories = [work] if task.kind == "SystemExecTask" else []
+        out = fetch_output_files(task.outputs, file_outputs, ctx, work_directories,
+                                 self.root / f"externalresult-{uuid.uuid4()}")
         if isinstance(task.args.get("returnValue"), ValRef):
             out[task.args["returnValue"].name] = 0
+        if task.kind == "SystemExecTask":
+            shutil.rmtree(work, ignore_errors=True)
         return out
 
     # -------------------------------------------------------------------------------------------- ContainerTask
 
     def container_task(self, task: Task, ctx: Mapping[str, Any]) -> dict[str, Any]:
+        """``ContainerTask.process`` (``CT/ContainerTask.scala:427-630``) on the whole context it is given."""
+        check_external_arguments(task)
         args = task.args
-        return_value = args.get("returnValue")
+        return_value, std_out, std_err = (args.get(k) for k in ("returnValue", "stdOut", "stdErr"))
         error_on_return = args.get("errorOnReturnValue", True)
         ignore_ret = (not error_on_return) or isinstance(return_value, ValRef)
         execution_dir = self.root / f"task-{uuid.uuid4()}"
         execution_dir.mkdir()
-        binds = [Bind(*b) for b in self._deploy(task.resources, ctx, execution_dir, container=True)]
-        binds += [Bind(h.path, h.destination) for h in args.get("hostFiles", []) if isinstance(h, HostFile)]
+        volumes = [Bind(h.path, h.destination) for h in args.get("hostFiles", []) if isinstance(h, HostFile)]
+        volumes += [Bind(*b) for b in self._deploy(task.resources, ctx, execution_dir, container=True)]
+        volumes.sort(key=lambda b: _scala_split_length(b.destination, "/"))  # stable, as Scala's sortBy (463-473)
         result_dir = self.root / f"result-{uuid.uuid4()}"
         result_dir.mkdir()
         commands, copies = container_commands(task, ctx, ignore_ret)
@@ -543,29 +648,32 @@ class Engine:
                                     [("HOME", CONTAINER_HOME)], commands)
         script_file = execution_dir / RUN_SCRIPT
         script_file.write_text(script)
-        binds += [Bind(str(result_dir), RESULT_BIND), Bind(str(script_file), "/" + RUN_SCRIPT)]
-        proc = run_isolated(["sh", "/" + RUN_SCRIPT], binds, {}, None, fresh_tmp=_fresh_tmp_possible())
+        binds = [*volumes, Bind(str(result_dir), RESULT_BIND), Bind(str(script_file), "/" + RUN_SCRIPT)]
+        shell = ["sh", "-x"] if _container_system(task)[2].get("verbose") else ["sh"]
+        proc = run_isolated([*shell, "/" + RUN_SCRIPT], binds, {}, None, fresh_tmp=_fresh_tmp_possible())
         self.events.append(Event("container", task.name, {"script": script, "binds": [b.__dict__ for b in binds],
                                                           "returncode": proc.returncode, "stdout": proc.stdout,
                                                           "stderr": proc.stderr}))
         if error_on_return and not isinstance(return_value, ValRef) and proc.returncode != 0:
-            raise TaskFailure(f'Process "{" ; ".join(commands)}" exited with an error code {proc.returncode} '
-                              f"(it should equal 0).")
-        out: dict[str, Any] = {}
-        for _origin, val, file in mapping:
-            if not file.exists():
-                parent = file.parent
-                where = (f"its parent directory {parent} contains [{', '.join(p.name for p in parent.iterdir())}]"
-                         if parent.exists() else f"its parent directory {parent} doesn't exist either")
-                raise TaskFailure(f"Output file {file} (stored in variable {val.name}: java.io.File) doesn't "
-                                  f"exist, {where}\n--- stderr of the container ---\n{proc.stderr[-2000:]}")
-            out[val.name] = file
+            command = " ; ".join(command_values(task, ctx, ignore_ret))  # 597: the command alone, not the copies
+            raise TaskFailure(f'Process "{command}" exited with an error code {proc.returncode} (it should equal '
+                              f"0).\nThe last lines of the standard output were:\n{_tail(proc)}")
+        try:
+            out = fetch_output_files(task.outputs, [(val, file) for _, val, file in mapping], ctx, [], result_dir)
+        except TaskFailure as exc:  # the emulation adds the container's stderr, to tell why
+            raise TaskFailure(f"{exc}\n--- stderr of the container (emulation) ---\n{proc.stderr[-2000:]}") from exc
         if isinstance(return_value, ValRef):
             out[return_value.name] = proc.returncode
+        if isinstance(std_out, ValRef):
+            out[std_out.name] = proc.stdout
+        if isinstance(std_err, ValRef):
+            out[std_err.name] = proc.stderr
         return out
 
     def _deploy(self, resources, ctx: Mapping[str, Any], directory: Path, container: bool) -> list[tuple]:
-        """External.deployAndListInputFiles: each resource copied (or linked) under the task's folder."""
+        """External.deployAndListInputFiles (``EXT/External.scala:79-120``): each resource copied (``realFile.copy``:
+        links inside a folder stay links; tool.file ``package.scala:121-131``), or linked to its canonical path,
+        under the task's folder; an EmptyDirectory is a link to a fresh empty folder."""
         out = []
         for r in resources:
             destination = expand(r.destination, ctx)
@@ -581,9 +689,9 @@ class Engine:
             elif r.link:
                 deployed.symlink_to(Path(r.source).resolve())
             elif Path(r.source).is_dir():
-                shutil.copytree(r.source, deployed, symlinks=False)
+                shutil.copytree(Path(r.source).resolve(), deployed, symlinks=True)
             else:
-                shutil.copy2(r.source, deployed)
+                shutil.copy2(Path(r.source).resolve(), deployed)
             if container:
                 out.append((str(deployed), _container_path(destination)))
         return out
@@ -591,36 +699,38 @@ class Engine:
     # -------------------------------------------------------------------------------------------- SystemExecTask
 
     def system_exec_task(self, task: Task, ctx: Mapping[str, Any]) -> dict[str, Any]:
+        """``SystemExecTask`` (``SE/SystemExecTask.scala:108-152``) on the whole context it is given."""
+        check_external_arguments(task)
         args = task.args
         command = args.get("command") or args["positional"][0]
-        return_value = args.get("returnValue")
+        return_value, std_out, std_err = (args.get(k) for k in ("returnValue", "stdOut", "stdErr"))
         error_on_return = args.get("errorOnReturnValue", True)
-        tmp_dir = self.root / f"systemexec-{uuid.uuid4()}"
+        tmp_dir = self.root / f"systemexec-{uuid.uuid4()}"  # 112: tmpDirectory.withTmpDir
         tmp_dir.mkdir()
-        self._deploy(task.resources, ctx, tmp_dir, container=False)
-        first = command[0]  # SE/SystemExecTask.scala:123 `command.find`: the first command only
-        env = dict(self.job_environ)
-        env.update({expand(k, ctx): expand(v, ctx) for k, v in args.get("environmentVariables", [])})
-        proc = subprocess.run(["bash", "-c", expand(first, ctx)], cwd=tmp_dir, env=env, capture_output=True,
-                              text=True, timeout=900)
-        self.events.append(Event("systemexec", task.name, {"command": expand(first, ctx), "cwd": str(tmp_dir),
-                                                           "returncode": proc.returncode, "stdout": proc.stdout,
-                                                           "stderr": proc.stderr}))
-        if error_on_return and not isinstance(return_value, ValRef) and proc.returncode != 0:
-            raise TaskFailure(f"Error executing command:\nbash -c {first}, return code was not 0 but "
-                              f"{proc.returncode}\n{proc.stderr[-2000:]}")
-        out: dict[str, Any] = {}
-        for origin, val in task.output_files:
-            file = tmp_dir / expand(origin, ctx)
-            if not file.exists():
-                raise TaskFailure(f"Output file {file} (stored in variable {val.name}: java.io.File) doesn't exist")
-            kept = self.root / f"output-{uuid.uuid4()}"
-            kept.mkdir()
-            shutil.move(str(file), kept / file.name)
-            out[val.name] = kept / file.name
+        try:
+            self._deploy(task.resources, ctx, tmp_dir, container=False)  # 113: relative to the temporary folder
+            first = expand(command[0], ctx)  # 123 `command.find`: the first command only; 126: from the context
+            env = dict(self.job_environ)  # SE/package.scala:213-221: the job's environment, then the task's
+            env.update({expand(k, ctx): expand(v, ctx) for k, v in args.get("environmentVariables", [])})
+            proc = subprocess.run(["bash", "-c", first], cwd=tmp_dir, env=env, capture_output=True, text=True,
+                                  timeout=900)
+            self.events.append(Event("systemexec", task.name, {"command": first, "cwd": str(tmp_dir),
+                                                               "returncode": proc.returncode,
+                                                               "stdout": proc.stdout, "stderr": proc.stderr}))
+            if error_on_return and not isinstance(return_value, ValRef) and proc.returncode != 0:
+                raise TaskFailure(f"Error executing command:\nbash -c {first}, return code was not 0 but "
+                                  f"{proc.returncode}\n--- stderr (emulation) ---\n{proc.stderr[-2000:]}")
+            file_outputs = [(val, tmp_dir / expand(origin, ctx)) for origin, val in task.output_files]
+            out = fetch_output_files(task.outputs, file_outputs, ctx, [tmp_dir],
+                                     self.root / f"externalresult-{uuid.uuid4()}")  # 145
+        finally:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        if isinstance(std_out, ValRef):
+            out[std_out.name] = proc.stdout
+        if isinstance(std_err, ValRef):
+            out[std_err.name] = proc.stderr
         if isinstance(return_value, ValRef):
             out[return_value.name] = proc.returncode
-        shutil.rmtree(tmp_dir, ignore_errors=True)  # TmpDirectory.withTmpDir
         return out
 
     # -------------------------------------------------------------------------------------------- hooks
@@ -636,19 +746,29 @@ class Engine:
                 source = Path(values[positional[0].name])
                 destination = Path(expand(str(positional[1]), hook_values))
                 destination.parent.mkdir(parents=True, exist_ok=True)
+                # tool.file package.scala:126-131: a folder merged into the destination, links copied as links
                 if source.is_dir():
-                    shutil.copytree(source, destination, dirs_exist_ok=True)
+                    shutil.copytree(source, destination, dirs_exist_ok=True, symlinks=True)
                 else:
-                    shutil.copy2(source, destination)
+                    shutil.copy2(source, destination, follow_symlinks=False)
             self.events.append(Event("hook", where, {"hook": hook.kind, "values": dict(hook_values)}))
 
 
+def command_values(task: Task, ctx: Mapping[str, Any], ignore_ret: bool) -> list[str]:
+    """``commandValue`` (``CT/ContainerTask.scala:499-504``): each command expanded, trailing empty lines dropped;
+    when the return code is kept, all of them joined with `` && `` and followed by ``; _PROCESS_RET_CODE_=$? ;
+    true``."""
+    command = task.args["positional"][1] if len(task.args.get("positional", [])) > 1 else task.args["command"]
+    values = [_drop_trailing_empty_lines(expand(c, ctx)) for c in (command if isinstance(command, list) else
+                                                                   [command])]
+    return [f"{' && '.join(values)} ; _PROCESS_RET_CODE_=$? ; true"] if ignore_ret else values
+
+
 def container_commands(task: Task, ctx: Mapping[str, Any], ignore_ret: bool) -> tuple[list[str], list[tuple]]:
-    """ContainerTask.process's command list (``CT/ContainerTask.scala:482-510``): the command (with the return code
-    kept when ``ignore_ret``), a copy of each output file into ``/_result_/<uuid>/``, the exit; and for each output
-    file (origin, Val, uuid, file name)."""
-    value = _drop_trailing_empty_lines(expand(task.args["positional"][1], ctx))
-    commands = [f"{value} ; _PROCESS_RET_CODE_=$? ; true"] if ignore_ret else [value]
+    """ContainerTask.process's command list (``CT/ContainerTask.scala:494-527, 566``): the command (with the
+    return code kept when ``ignore_ret``), a copy of each output file into ``/_result_/<uuid>/``, the exit; and for
+    each output file (origin, Val, uuid, file name)."""
+    commands = command_values(task, ctx, ignore_ret)
     copies = []
     for origin, val in task.output_files:
         directory = str(uuid.uuid4())
@@ -665,7 +785,7 @@ def task_variables(task: Task, ctx: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 
 def singularity_script(variables: Sequence[tuple[str, str]], commands: Sequence[str]) -> str:
-    """``Singularity.executeImage``'s ``_run_commands.sh`` (container ``Singularity.scala:277-288``)."""
+    """``Singularity.executeImage``'s ``_run_commands.sh`` (``container:Singularity.scala:273-289``)."""
     exports = "\n".join(f'export {n}="{v}"' for n, v in variables)
     body = "&& \\\n".join(c for c in commands if c.strip())
     return f"\n{exports}\n{body}\n        "
@@ -678,9 +798,136 @@ def _drop_trailing_empty_lines(s: str) -> str:
     return "\n".join(lines)
 
 
-def _container_path(path: str, image_workdir: str = "/work") -> str:
-    """``ContainerTask.pathResolver``: absolute as is, relative to the image's WORKDIR otherwise."""
-    return path if path.startswith("/") else f"{image_workdir.rstrip('/')}/{path}"
+def _container_path(path: str, image_workdir: str | None = None) -> str:
+    """``ContainerTask.pathResolver`` (``CT/ContainerTask.scala:259-268``): absolute as is, relative to the image's
+    WORKDIR otherwise (``/`` when the image has none)."""
+    workdir = image_workdir if image_workdir is not None else image_working_directory()
+    return path if path.startswith("/") else f"{(workdir or '/').rstrip('/')}/{path}"
+
+
+def image_working_directory(dockerfile: Path = REPO_ROOT / "Dockerfile", variant: str = "cpu") -> str:
+    """The image's WorkingDir: the last ``WORKDIR`` of its stage or the stages it is built ``FROM`` ("" if none)."""
+    stages: dict[str, tuple[str, str | None]] = {}
+    current = last = None
+    for instruction in _dockerfile_instructions(dockerfile.read_text()):
+        word, _, rest = instruction.partition(" ")
+        if word.upper() == "FROM":
+            parts = rest.split()
+            current = last = parts[2] if len(parts) > 2 and parts[1].upper() == "AS" else parts[0]
+            stages[current] = (parts[0], None)
+        elif word.upper() == "WORKDIR" and current is not None:
+            stages[current] = (stages[current][0], rest.strip())
+    stage = last if variant == "cpu" else "runtime-gpu"
+    while stage in stages:
+        base, workdir = stages[stage]
+        if workdir is not None:
+            return workdir
+        stage = base
+    return ""
+
+
+def val_str(val: ValRef) -> str:
+    """``Val.toString`` (``CTX/Val.scala:329``): ``name: type``, the type as its manifest prints it."""
+    java = {"String": "java.lang.String", "File": "java.io.File"}
+    return f"{val.name}: {java.get(val.type, val.type)}"
+
+
+def _scala_split_length(s: str, sep: str) -> int:
+    """``s.split(sep).length`` in Java: trailing empty strings are dropped."""
+    parts = s.split(sep)
+    while parts and parts[-1] == "":
+        parts.pop()
+    return len(parts)
+
+
+def _tail(proc: subprocess.CompletedProcess, size: int = 10000) -> str:
+    """The last lines of the output (``CT/ContainerTask.scala:590-595``; here stdout then stderr, not interleaved)."""
+    text = (proc.stdout + proc.stderr)[-size:]
+    lines = text.split("\n")[1:] if len(text) >= size else text.split("\n")
+    return "\n".join(f"|{line}" for line in lines)
+
+
+def context_files(outputs: Sequence[ValRef], context: Mapping[str, Any]) -> list[tuple[str, Path]]:
+    """``External.contextFiles`` (``EXT/External.scala:129-130``): the File values, in the context, of the declared
+    outputs (a Context is a TreeMap: in the order of their names)."""
+    names = {v.name for v in outputs if v.type == "File" and v.name in context}
+    return [(name, Path(context[name])) for name in sorted(names)]
+
+
+def _is_a_parent_of(directory: Path, file: Path) -> bool:
+    """``isAParentOf`` (openmole tool.file ``package.scala:486``): a prefix of the canonical paths' strings."""
+    return os.path.realpath(file).startswith(os.path.realpath(directory))
+
+
+def _absolute(path: Path) -> str:
+    return str(path if path.is_absolute() else Path.cwd() / path)  # Java's getAbsolutePath: not normalised
+
+
+def fetch_output_files(outputs: Sequence[ValRef], file_outputs: Sequence[tuple[ValRef, Path]],
+                       context: Mapping[str, Any], work_directories: Sequence[Path],
+                       result_directory: Path) -> dict[str, Any]:
+    """``External.fetchOutputFiles`` (``EXT/External.scala:132-175``), for ContainerTask (no work directory) and
+    SystemExecTask (its temporary folder): the declared output files (``file_outputs``: the Val and the file it
+    resolves to) and the File values of ``outputs`` already in ``context``, distinct, must all exist; the result is
+    ``context ++ files`` (the context's own File comes last, and wins), with the outputs' files inside a work
+    directory moved out of it into ``result_directory``."""
+    files = list(dict.fromkeys([(v.name, Path(f)) for v, f in file_outputs] + context_files(outputs, context)))
+    for name, file in files:  # 145-153
+        if not file.exists():
+            parent = Path(_absolute(file)).parent
+            if parent.exists():
+                where = f"its parent directory {parent} contains [{', '.join(os.listdir(parent))}]"
+            else:
+                where = f"its parent directory {parent} doesn't exist either"
+            type_of = next((v for v in outputs if v.name == name), ValRef(name, "File"))
+            raise TaskFailure(f"Output file {_absolute(file)} (stored in variable {val_str(type_of)}) doesn't "
+                              f"exist, {where}")
+    fetched = [(name, file.resolve(strict=True) if any(_is_a_parent_of(w, file) for w in work_directories)
+                else file) for name, file in files]  # 155-157: realFile
+    output_context = dict(context)
+    for name, file in fetched:  # 136: Context ++ keeps the last value of a name (CTX/Context.scala:157)
+        output_context[name] = file
+    moved = {}
+    for name, file in context_files(outputs, output_context):  # 137, 161-175
+        if any(_is_a_parent_of(w, file) for w in work_directories):
+            new_dir = result_directory / f"outputFile{uuid.uuid4()}"
+            new_dir.mkdir(parents=True)
+            shutil.move(str(file), new_dir / file.name)
+            moved[name] = new_dir / file.name
+    return {**output_context, **moved}
+
+
+_CONTAINER_ARGUMENTS = {"positional", "command", "containerSystem", "hostFiles", "environmentVariables",
+                        "errorOnReturnValue", "returnValue", "stdOut", "stdErr", "clearCache"}
+_SYSTEM_EXEC_ARGUMENTS = {"positional", "command", "errorOnReturnValue", "returnValue", "stdOut", "stdErr",
+                          "environmentVariables"}
+
+
+def _container_system(task: Task) -> tuple[str, list, dict]:
+    system = task.args.get("containerSystem")
+    return system if system is not None else ("SingularityOverlay", [], {})  # CT/ContainerTask.scala:133
+
+
+def check_external_arguments(task: Task) -> None:
+    """An argument of an external task that this emulation does not model is an error, not ignored."""
+    allowed = _CONTAINER_ARGUMENTS if task.kind == "ContainerTask" else _SYSTEM_EXEC_ARGUMENTS
+    unknown = sorted(set(task.args) - allowed)
+    if unknown:
+        raise Unsupported(f"{task.kind} {task.name}: argument(s) {unknown} not modelled by the emulation")
+    if task.kind == "ContainerTask":
+        kind, positional, named = _container_system(task)
+        if kind not in ("SingularityOverlay", "SingularityMemory") or positional:
+            raise Unsupported(f"{task.name}: containerSystem {kind}{positional or ''} not modelled")
+        embeds = named.get("embedResources", True)  # CT/ContainerSystem.scala:24-25: true unless said otherwise
+        if embeds and any(r.source is not None for r in task.resources):
+            raise Unsupported(f"{task.name}: embedResources = true (the default) copies file resources into the "
+                              f"image and links them (CT/ContainerTask.scala:114-122, 494-497): not modelled")
+
+
+def _private_home_possible() -> bool:
+    """The emulated container's /home is an empty one unless this checkout or its Python live under /home."""
+    return not (str(REPO_ROOT).startswith("/home/") or sys.prefix.startswith("/home/")
+                or str(Path(sys.executable).resolve()).startswith("/home/"))
 
 
 def _fresh_tmp_possible() -> bool:
@@ -798,8 +1045,9 @@ def render_point(plan_name: str, settings: Settings, sample: Mapping[str, Any], 
     variables = list(image_env if image_env is not None else image_environment(variant="cpu"))
     script = singularity_script(variables + task_variables(task, ctx) + [("HOME", CONTAINER_HOME)], commands)
     root.mkdir(parents=True, exist_ok=True)
-    binds = engine._deploy(task.resources, ctx, root / "deployed", container=True)
-    binds += [(h.path, h.destination) for h in task.args.get("hostFiles", [])]
+    binds = [(h.path, h.destination) for h in task.args.get("hostFiles", [])]  # CT/ContainerTask.scala:463-473
+    binds += engine._deploy(task.resources, ctx, root / "deployed", container=True)
+    binds.sort(key=lambda b: _scala_split_length(b[1], "/"))
     return {"script": script, "binds": binds, "result_directory": copies[0][2]}
 
 
