@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from python_task.errors import ErrorList, TaskError
+from python_task.errors import EXIT_OUT_OF_MEMORY, ErrorList, TaskError, is_out_of_memory
 from python_task.runtime import PARENT_PID_ENV, exit_with_parent
 from python_task.shards.params import CODECS, ExtractParams
 from python_task.synth.config import SynthConfig
@@ -475,6 +475,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the CLI promises one line, whatever the failure
         if args.debug or os.environ.get("PYTHON_TASK_DEBUG"):
             raise
+        if is_out_of_memory(exc):
+            print(f"error: {args.command}: out of memory: {type(exc).__name__}", file=sys.stderr)
+            return EXIT_OUT_OF_MEMORY
         if isinstance(exc, OSError) and exc.filename:  # a file that failed unexpectedly (a full disk): name it
             print(f"error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
             return 1

@@ -10,6 +10,17 @@ from __future__ import annotations
 
 from os import PathLike
 
+# The exit status of a command that ran out of memory (a bounded point, ``ulimit -d``, or a full machine), apart
+# from 1 (a failure the user can fix) and 2 (an unexpected one): the OpenMOLE plans and the sweep read it.
+EXIT_OUT_OF_MEMORY = 3
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """An allocation that failed: Python's MemoryError (NumPy's too), TensorFlow's ResourceExhaustedError, or an
+    XLA (JAX) error whose status is RESOURCE_EXHAUSTED."""
+    return (isinstance(exc, MemoryError) or type(exc).__name__ == "ResourceExhaustedError"
+            or "RESOURCE_EXHAUSTED" in str(exc))
+
 
 class TaskError(Exception):
     """A failure the user can fix: the file (or setting) at fault and the cause, on one line."""

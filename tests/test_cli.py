@@ -84,6 +84,31 @@ def test_an_unexpected_os_error_names_its_file(monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == "error: /data/out/.S1.h5.x1y2.tmp: No space left on device"
 
 
+def test_running_out_of_memory_is_its_own_exit_status(monkeypatch, capsys):
+    """A point bounded by `ulimit -d` that allocates past it: one line and exit status 3, which the OpenMOLE plans
+    and the sweep record as out of memory, apart from an unexpected failure (2)."""
+    from python_task.errors import EXIT_OUT_OF_MEMORY
+
+    class ResourceExhaustedError(Exception):  # TensorFlow's, by name: the CLI does not import TensorFlow
+        pass
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    for error, name in [(MemoryError(), "MemoryError"), (ResourceExhaustedError("OOM when allocating tensor"),
+                                                         "ResourceExhaustedError"),
+                        (RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate"), "RuntimeError")]:
+        def fail(args, error=error):
+            raise error
+
+        monkeypatch.setattr(parser, "parse_args", lambda argv, fail=fail: cli.argparse.Namespace(
+            handler=fail, verbose=False, debug=False, command="train"))
+        assert cli.main([]) == EXIT_OUT_OF_MEMORY == 3
+        assert capsys.readouterr().err.strip() == f"error: train: out of memory: {name}"
+    monkeypatch.setattr(parser, "parse_args", lambda argv: cli.argparse.Namespace(
+        handler=lambda args: 1 / 0, verbose=False, debug=False, command="train"))
+    assert cli.main([]) == 2, "any other failure keeps its status"
+
+
 def test_other_libraries_log_lines_stay_off_stderr(capsys):
     cli.configure_logging(False, flags())
     logging.getLogger("tifffile").error("<tifffile.TiffPages @8> invalid page offset 1059178")
