@@ -9,15 +9,21 @@ fails the tests until it is taught here and in the engine, instead of being skip
 
 OpenMOLE behaviour reproduced here (OpenMOLE 22, openmole/openmole at v22.1 and dev f27e8a2c7a, March 2026):
 
-* In an imported file top-level expressions are dropped and vals are lazy (core.script ``Imports.scala``): a val
-  is evaluated only when used, so an environment the plan never picks is never built.
+* In an imported file top-level expressions are dropped and vals are lazy (core.project ``Project.scala:83-90``,
+  ``filterTermAndAddLazy``): a val is evaluated only when used, so an environment the plan never picks is never
+  built.
 * ``${x}`` in a string is OpenMOLE's substitution, done later from the task's context (core.argument
-  ``ExpandedString.scala``); here strings keep it verbatim and :func:`engine.expand` substitutes it.
-* ``x := v`` is a default with override = false (core.setter ``package.scala:53-55``); ``(x, true)`` overrides.
-* ``Strain(t)`` marks the task node strained (core.workflow ``composition/package.scala:658-673``);
-  ``TryTask(t)`` adds every output of ``t`` to its inputs (core.workflow ``task/TryTask.scala:40-50``);
-  ``returnValue``/``stdOut``/``stdErr`` are added to a ContainerTask's and a SystemExecTask's outputs
-  (``ContainerTask.scala:108``, ``SystemExecTask.scala:74``).
+  ``ExpandedString.scala:59-66, 137-147``); here strings keep it verbatim and :func:`engine.expand` substitutes it.
+* ``x := v`` is a default with override = false (core.setter ``package.scala:53-55``); ``x := (v, true)``
+  overrides (49-51).
+* ``Strain(t)`` marks the task node strained (core.workflow ``composition/package.scala:658-660``);
+  ``TryTask(t)`` adds every output of ``t`` to its inputs and keeps its defaults (core.workflow
+  ``task/TryTask.scala:40-50``); ``returnValue``/``stdOut``/``stdErr`` are added to a ContainerTask's and a
+  SystemExecTask's outputs (``ContainerTask.scala:108``, ``SystemExecTask.scala:74``); ``outputFiles += (o, x)``
+  adds ``x`` to the outputs (plugin.task.external ``package.scala:44-45``).
+* ``MoleTask(a -- b)`` (core.workflow ``task/MoleTask.scala:48-63``): its inputs are the root capsule's inputs
+  (``MoleCapsule.scala:131-134``: the task's inputs with the vals of its defaults, ``Task.scala:213``), its outputs
+  the last capsule's outputs (143-145: a strained one adds what it receives), its defaults the root task's.
 """
 
 from __future__ import annotations
@@ -154,7 +160,7 @@ class HostFile:
 class Task:
     """A task of the DSL with its data-flow configuration (``set (...)``) and its own arguments."""
 
-    kind: str  # ContainerTask | SystemExecTask | ScalaTask | EmptyTask | TryTask
+    kind: str  # ContainerTask | SystemExecTask | ScalaTask | EmptyTask | TryTask | MoleTask
     name: str
     inputs: list[ValRef] = field(default_factory=list)
     outputs: list[ValRef] = field(default_factory=list)
@@ -163,6 +169,7 @@ class Task:
     resources: list[Resource] = field(default_factory=list)
     output_files: list[tuple[str, ValRef]] = field(default_factory=list)
     wrapped: Task | None = None  # TryTask
+    # MoleTask: its mole, ``args["mole"]``, a Chain of Nodes
 
     def input_names(self) -> set[str]:
         return {v.name for v in self.inputs} | {d.val.name for d in self.defaults}
@@ -582,10 +589,13 @@ class Evaluator:
     def _eval_call_expression(self, node) -> Any:
         function = node.child_by_field_name("function")
         name = text(function)
-        if name == "ScalaTask":
-            code = string_value(node.child_by_field_name("arguments").named_children[0])
+        if name == "ScalaTask":  # its code: a string literal, or an expression of strings (factors.oms' lines)
+            argument = node.child_by_field_name("arguments").named_children[0]
+            code = string_value(argument) if argument.type == "string" else self.eval(argument)
+            if not isinstance(code, str):
+                raise Unsupported(f"ScalaTask code that is not a string: {text(argument)[:60]!r}")
             return Task("ScalaTask", "", args={"code": code})
-        if name in ("Strain", "TryTask", "DirectSampling", "NSGA2Evolution", "LHS") or name in _TASK_KINDS:
+        if name in ("Strain", "TryTask", "MoleTask", "DirectSampling", "NSGA2Evolution", "LHS") or name in _TASK_KINDS:
             positional, named = self._arguments(node)
             return self._dsl_call(name, positional, named)
         if function.type == "field_expression":
@@ -645,6 +655,10 @@ class Evaluator:
             return Task("TryTask", f"TryTask({wrapped.name})", inputs=[*wrapped.inputs, *wrapped.outputs],
                         outputs=list(wrapped.outputs),
                         defaults=list(wrapped.defaults), wrapped=wrapped)
+        if name == "MoleTask":
+            if len(positional) != 1 or named:
+                raise Unsupported("MoleTask(dsl) only (MoleTask.scala:48); MoleTask(mole, last) is not modelled")
+            return mole_task(positional[0])
         if name == "DirectSampling":
             return DirectSampling(named["evaluation"], named["sampling"], list(named.get("aggregation", [])))
         if name == "NSGA2Evolution":
@@ -688,13 +702,20 @@ class Evaluator:
             else:
                 task.defaults.append(Default(self.eval(left_node), right))
             return
-        if op != "+=":
+        if op not in ("+=", "++="):
             raise Unsupported(f"set clause {text(clause)[:60]!r}")
         left = self.eval(left_node)
         targets = list(left) if isinstance(left, tuple) else [left]
+        if op == "++=" and targets not in (["inputs"], ["outputs"], ["inputs", "outputs"]):
+            raise Unsupported(f"set clause {text(clause)[:60]!r}")
         if targets in (["inputs"], ["outputs"], ["inputs", "outputs"]):
             right = self.eval(right_node)
-            vals = list(right) if isinstance(right, tuple) else [right]
+            if op == "++=":  # core.setter package.scala:112, 125, 163: an Iterable of Vals
+                if not isinstance(right, (list, tuple)) or not all(isinstance(v, ValRef) for v in right):
+                    raise Unsupported(f"++= takes a Seq of Vals: {text(clause)[:60]!r}")
+                vals = list(right)
+            else:
+                vals = list(right) if isinstance(right, tuple) else [right]
             for target in targets:
                 getattr(task, target).extend(vals)
         elif targets == ["resources"]:
@@ -800,6 +821,30 @@ def _with_hook(target: Any, hook: Hook) -> Any:
     return target
 
 
+def mole_task(dsl: Any) -> Task:
+    """``MoleTask(dsl)`` (``MoleTask.scala:48-63``) of a chain of tasks: inputs = the root capsule's inputs,
+    outputs = the last capsule's outputs, defaults = the root task's defaults."""
+    chain = dsl if isinstance(dsl, Chain) else Chain([dsl])
+    nodes = [_as_node(p) if isinstance(p, Task) else p for p in chain.parts]
+    if not nodes or not all(isinstance(n, Node) for n in nodes):
+        raise Unsupported("MoleTask of a chain of tasks only (no sampling or evolution inside): not modelled")
+    root = nodes[0].task
+    declared = {v.name for v in root.inputs}
+    inputs = [*root.inputs, *(d.val for d in root.defaults if d.override or d.val.name not in declared)]
+    received: list[ValRef] = []  # nothing reaches the root of a mole (it is submitted, not delivered)
+    for node in nodes:  # MoleCapsule.outputs: a strained capsule passes on what it receives
+        own = list(node.task.outputs)
+        received = [*own, *(v for v in received if v.name not in {o.name for o in own})] if node.strain else own
+    outputs = list({v.name: v for v in received}.values())
+    names = " -- ".join(n.task.name or n.task.kind for n in nodes)
+    return Task("MoleTask", f"MoleTask({names})", inputs=_unique(inputs), outputs=outputs,
+                defaults=list(root.defaults), args={"mole": Chain(nodes, list(chain.hooks))})
+
+
+def _unique(vals: list[ValRef]) -> list[ValRef]:
+    return list({v.name: v for v in vals}.values())
+
+
 # ------------------------------------------------------------------------------------------------ helpers for tests
 
 def task_nodes(workflow: Any) -> list[Node]:
@@ -818,4 +863,21 @@ def task_nodes(workflow: Any) -> list[Node]:
             visit(x.evaluation)
 
     visit(workflow)
+    return out
+
+
+def all_tasks(workflow: Any) -> list[Task]:
+    """Every task of a workflow, with the tasks a TryTask wraps and the tasks of a MoleTask's mole."""
+    out: list[Task] = []
+
+    def visit(task: Task) -> None:
+        out.append(task)
+        if task.wrapped is not None:
+            visit(task.wrapped)
+        if task.kind == "MoleTask":
+            for node in task_nodes(task.args["mole"]):
+                visit(node.task)
+
+    for node in task_nodes(workflow):
+        visit(node.task)
     return out

@@ -112,17 +112,37 @@ PARSE_LINES = (
     "pattern.findFirstMatchIn(text).map(m => m.group(1)).flatMap(v => scala.util.Try(v.toDouble).toOption)"
     ".getOrElse(Double.NaN)",
     'val status = if (exitCode == 0 && text.nonEmpty) "ok" else "failed"',
-    'if (exitCode == -1) "the task failed before or after train (missing host path / container start / output '
-    'not returned): see OpenMOLE\'s log"',
-    'else if (exitCode == 124) "stopped after the point time limit (pointTimeLimitMinutes)"',
-    'else if (exitCode == 137) "killed (SIGKILL): out of memory or still running 60 s after the point time limit"',
     'else if (exitCode != 0) "train exited with code " + exitCode + ": see stderr in OpenMOLE\'s log"',
     'else if (text.isEmpty) "train exited 0 but wrote no metrics.json"',
-    'val point_id = Seq(arch, "lr" + lr, "bs" + batch_size, "ep" + epochs, optimizer, "wd" + weight_decay, '
-    '"do" + dropout, "aug-" + augment, "stain-" + stain, "ea" + elastic_alpha, "mt" + max_train_tiles, '
-    '"pa" + patience, "seed" + seed, "fold" + fold).mkString("_")',
     'val out_dir = "runs/" + point_id',
 )
+# `if (exitCode == N) "message"` / `else if (exitCode == N) "message"` of the error chain, read from the code itself
+EXIT_MESSAGE = re.compile(r'(?:else\s+)?if \(exitCode == (-?\d+)\) "([^"]*)"')
+
+
+def exit_messages(code: str) -> dict[int, str]:
+    """The error chain's messages for particular exit codes, in the code's order (the first match wins in Scala)."""
+    out: dict[int, str] = {}
+    for number, message in EXIT_MESSAGE.findall(code):
+        out.setdefault(int(number), message)
+    if not out:
+        raise PortMismatch("the parse task has no `if (exitCode == N) \"message\"` chain")
+    return out
+
+
+def point_id_parts(code: str) -> list[tuple[str, str]]:
+    """``val point_id = Seq(arch, "lr" + lr, ...).mkString("_")`` of the parse task (factors.oms' pointIdCode):
+    (prefix, factor) per part; nothing else may stand in the Seq."""
+    m = re.search(r'val point_id = Seq\((.*)\)\.mkString\("_"\)', code)
+    if m is None:
+        raise PortMismatch('the parse task has no `val point_id = Seq(...).mkString("_")`')
+    parts = []
+    for item in (i.strip() for i in m.group(1).split(",")):
+        one = re.fullmatch(r'(?:"([^"]*)"\s*\+\s*)?(\w+)', item)
+        if one is None:
+            raise PortMismatch(f"point_id part {item!r}: only `factor` or `\"prefix\" + factor` is ported")
+        parts.append((one.group(1) or "", one.group(2)))
+    return parts
 
 
 def java_to_double(text: str) -> float:
@@ -151,25 +171,17 @@ def parse_metrics(code: str, context: Mapping[str, Any], java_str: Callable[[Any
     out: dict[str, Any] = {name: metric(key) for name, key in parsed_metrics(code).items()}
     exit_code = int(context["exitCode"])
     out["status"] = "ok" if exit_code == 0 and text else "failed"
-    if exit_code == -1:
-        out["error"] = ("the task failed before or after train (missing host path / container start / output not "
-                        "returned): see OpenMOLE's log")
-    elif exit_code == 124:
-        out["error"] = "stopped after the point time limit (pointTimeLimitMinutes)"
-    elif exit_code == 137:
-        out["error"] = "killed (SIGKILL): out of memory or still running 60 s after the point time limit"
+    messages = exit_messages(code)
+    if exit_code in messages:
+        out["error"] = messages[exit_code]
     elif exit_code != 0:
         out["error"] = f"train exited with code {exit_code}: see stderr in OpenMOLE's log"
     elif not text:
         out["error"] = "train exited 0 but wrote no metrics.json"
     else:
         out["error"] = ""
-    parts = [context["arch"], "lr" + java_str(context["lr"]), "bs" + java_str(context["batch_size"]),
-             "ep" + java_str(context["epochs"]), context["optimizer"], "wd" + java_str(context["weight_decay"]),
-             "do" + java_str(context["dropout"]), "aug-" + context["augment"], "stain-" + context["stain"],
-             "ea" + java_str(context["elastic_alpha"]), "mt" + java_str(context["max_train_tiles"]),
-             "pa" + java_str(context["patience"]), "seed" + java_str(context["seed"]),
-             "fold" + java_str(context["fold"])]
+    parts = [prefix + (value if isinstance(value := context[name], str) else java_str(value))
+             for prefix, name in point_id_parts(code)]
     out["point_id"] = "_".join(parts)
     out["out_dir"] = "runs/" + out["point_id"]
     return out

@@ -58,12 +58,9 @@ def test_the_check_fails_on_the_unstrained_lr_task(plans, tmp_path, name):
 
 
 def test_the_check_fails_on_a_command_value_the_point_does_not_declare(plans, tmp_path):
-    edits = {"common.oms": [("--patience ${patience}", "--patience ${patience} --base-filters ${seed}"),
-                            ("(inputs, outputs) += (arch, lr, batch_size, epochs, optimizer, weight_decay, dropout, "
-                             "augment, stain, elastic_alpha, seed, fold, max_train_tiles, patience),\n    resources += "
-                             "(splitsFile, \"/data/splits.json\")",
-                             "(inputs, outputs) += (arch, lr, batch_size, epochs, optimizer, weight_decay, dropout, "
-                             "augment, stain, elastic_alpha, fold, max_train_tiles, patience),\n    resources += "
-                             "(splitsFile, \"/data/splits.json\")")]}
-    with pytest.raises(Exception, match="seed"):
+    """A Val in the train command that is not among `factors`, the inputs of the training task (factors.oms edited
+    by hand instead of generated)."""
+    edits = {"factors.oms": [("val patience = Val[Int]", "val patience = Val[Int]\nval base_filters = Val[Int]"),
+                             ("--patience ${patience}", "--patience ${patience} --base-filters ${base_filters}")]}
+    with pytest.raises(Exception, match="base_filters"):
         check_plan("sweep.oms", Settings(work_directory=plans, edits=edits), tmp_path / "run")

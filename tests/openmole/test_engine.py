@@ -57,8 +57,10 @@ def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     return header, [dict(zip(header, line.split(","), strict=True)) for line in lines[1:]]
 
 
-def sweep_engine(plans: Path, tmp_path: Path, edits=(), environ=None, **kwargs) -> Engine:
-    settings = Settings(work_directory=plans, environ=environ or {}, edits={"common.oms": [*QUICK, *edits]})
+def sweep_engine(plans: Path, tmp_path: Path, edits=(), environ=None, factor_edits=(), **kwargs) -> Engine:
+    """One configuration of sweep.oms: ``edits`` of common.oms, ``factor_edits`` of factors.oms (the defaults)."""
+    settings = Settings(work_directory=plans, environ=environ or {},
+                        edits={"common.oms": list(edits), "factors.oms": [*QUICK, *factor_edits]})
     return Engine(load_plan("sweep.oms", settings), tmp_path / "mole", first_samples=1, **kwargs)
 
 
@@ -121,7 +123,7 @@ def test_a_failed_run_then_a_rerun_of_sweep(plans, tmp_path):
 
 
 def test_a_training_that_fails_is_a_row_with_its_exit_code(plans, tmp_path):
-    engine = sweep_engine(plans, tmp_path, edits=[('optimizer := "adam"', 'optimizer := "nesterov"')])
+    engine = sweep_engine(plans, tmp_path, factor_edits=[('optimizer := "adam"', 'optimizer := "nesterov"')])
     engine.run()
     _, rows = read_csv(plans / "results" / "points.csv")
     assert {r["exitCode"] for r in rows} == {"1"}, "train's own exit code (it refuses the optimizer)"
@@ -140,7 +142,7 @@ def test_a_point_past_its_time_limit_is_stopped_and_recorded(plans, tmp_path):
     assert rows[0]["error"] == "stopped after the point time limit (pointTimeLimitMinutes)"
 
 
-OLD_POINT = [("(exit $code)", "exit $code"), ("TryTask(train) on env", "train on env")]
+OLD_POINT = [("(exit $code)", "exit $code"), ("TryTask(MoleTask(onlyFactors -- train)) on env", "train on env")]
 
 
 def test_the_old_point_loses_every_result(plans, tmp_path):
@@ -157,7 +159,7 @@ def test_the_old_point_loses_every_result(plans, tmp_path):
 
 def test_the_old_point_is_resubmitted_forever_on_slurm(plans, tmp_path):
     """... and on a batch environment the job fails and is resubmitted without limit (KillActor.scala:32-37)."""
-    engine = sweep_engine(plans, tmp_path, edits=[*OLD_POINT, ('optimizer := "adam"', 'optimizer := "nesterov"')],
+    engine = sweep_engine(plans, tmp_path, edits=OLD_POINT, factor_edits=[('optimizer := "adam"', 'optimizer := "nesterov"')],
                           environ={"OM_ENV": "slurm", "OM_CLUSTER_DATA": str(plans)}, resubmissions=2)
     with pytest.raises(EndlessResubmission, match="resubmitted 2 times on SLURMEnvironment"):
         engine.run()
@@ -186,11 +188,11 @@ def test_the_gpu_path_runs_apptainer_with_a_clean_environment(plans, tmp_path):
     assert any(d == "/data/splits.json" and o == "ro" for _, d, o in binds)
     assert any(s.endswith("/out") and d == "/out" for s, d, _ in binds)
     assert call["image"] == str(plans / "python-task-gpu.sif")
-    assert call["env"] == {"KEEP_MODEL": "true", "OMP_NUM_THREADS": str(load_plan(
+    assert call["env"] == {"CUDA_VISIBLE_DEVICES": "0", "KEEP_MODEL": "true", "OMP_NUM_THREADS": str(load_plan(
         "sweep.oms", Settings(work_directory=plans, environ={"OM_ENV": "local-gpu"})).value("pointThreads"))}
     inside = call["container_env"]
     assert "HOST_ONLY_SECRET" not in inside, "--cleanenv: the host's variables stay out"
-    assert inside["CUDA_VISIBLE_DEVICES"] == "0", "SLURM's GPU choice passes through APPTAINERENV_"
+    assert inside["CUDA_VISIBLE_DEVICES"] == "0", "SLURM's GPU choice passes in with --env"
     assert inside["KERAS_BACKEND"] != "torch"
     _, rows = read_csv(plans / "results" / "points.csv")
     assert {r["status"] for r in rows} == {"ok"} and {r["exitCode"] for r in rows} == {"0"}
@@ -199,10 +201,59 @@ def test_the_gpu_path_runs_apptainer_with_a_clean_environment(plans, tmp_path):
         assert (plans / "results" / row["out_dir"] / "metrics.json").is_file()
 
 
+def test_the_gpu_path_runs_singularity_where_apptainer_is_absent(plans, tmp_path):
+    """A site with SingularityCE and no Apptainer: the same command runs `singularity exec`, the GPU choice
+    still reaches the point (--env, which both read; APPTAINERENV_ would be lost)."""
+    (plans / "python-task-gpu.sif").write_bytes(b"a SIF stands here")
+    log = tmp_path / "singularity.jsonl"
+    standin = standin_command(log)
+    (standin / "apptainer").rename(standin / "singularity")
+    try:
+        environ = {**os.environ, "PATH": f"{standin}:{os.environ['PATH']}", STANDIN_LOG: str(log),
+                   "CUDA_VISIBLE_DEVICES": "1"}
+        assert shutil.which("apptainer", path=environ["PATH"]) is None
+        engine = sweep_engine(plans, tmp_path, environ={"OM_ENV": "local-gpu"}, job_environ=environ,
+                              inner_samples=1)
+        engine.run()
+    finally:
+        shutil.rmtree(standin)
+    [call] = [json.loads(line) for line in log.read_text().splitlines()]
+    assert call["container_env"]["CUDA_VISIBLE_DEVICES"] == "1" and "--nv" in call["flags"]
+    _, rows = read_csv(plans / "results" / "points.csv")
+    assert [(r["status"], r["exitCode"]) for r in rows] == [("ok", "0")]
+
+
+@pytest.mark.parametrize("missing", ["sif", "shards", "runner"])
+def test_a_gpu_point_that_cannot_start_is_recorded_with_exit_code_minus_one(plans, tmp_path, missing):
+    """No SIF, no shards folder or neither runner on PATH: the point never starts, its row says -1 (as on the
+    CPU path), not the runner's 255 or the shell's 127, and the sweep goes on."""
+    if missing != "sif":
+        (plans / "python-task-gpu.sif").write_bytes(b"a SIF stands here")
+    if missing == "shards":
+        (plans / "shards").rename(plans / "shards.away")
+    log = tmp_path / "apptainer.jsonl"
+    standin = standin_command(log)
+    path = os.environ["PATH"] if missing == "runner" else f"{standin}:{os.environ['PATH']}"
+    try:
+        environ = {**os.environ, "PATH": path, STANDIN_LOG: str(log)}
+        engine = sweep_engine(plans, tmp_path, environ={"OM_ENV": "local-gpu"}, job_environ=environ)
+        engine.run()
+    finally:
+        shutil.rmtree(standin)
+    _, rows = read_csv(plans / "results" / "points.csv")
+    assert len(rows) == 2 and {(r["status"], r["exitCode"]) for r in rows} == {("failed", "-1")}
+    assert all("could not start" in r["error"] for r in rows)
+    assert not log.exists(), "the runner was never called"
+    said = {"sif": "GPU image (SIF) not found", "shards": "shards folder not found",
+            "runner": "neither apptainer nor singularity is on PATH"}[missing]
+    stderr = [e.detail["stderr"] for e in engine.events if e.kind == "systemexec"]
+    assert stderr and all(said in err for err in stderr)
+
+
 # ------------------------------------------------------------------------------------------------ LHS
 
 def test_an_lhs_configuration_trains_with_its_sampled_factors(plans, tmp_path):
-    settings = Settings(work_directory=plans, edits={"common.oms": QUICK})
+    settings = Settings(work_directory=plans, edits={"factors.oms": QUICK})
     engine = Engine(load_plan("lhs.oms", settings), tmp_path / "mole", first_samples=1,
                     select=lambda s: s["arch"] == "simple_cnn")
     engine.run()

@@ -25,11 +25,11 @@ import pytest
 
 from python_task.training.metrics import RESULT_METRICS
 
-from .dsl import OMS_DIR, parse, string_value, syntax_problems, text, walk
+from .dsl import OMS_DIR, Settings, parse, string_value, syntax_problems, text, walk
 from .engine import load_plan
 
 PLANS = ("sweep.oms", "lhs.oms", "nsga2.oms", "probe_gpu.oms")
-SCRIPTS = ("common.oms", *PLANS)
+SCRIPTS = ("factors.oms", "common.oms", *PLANS)
 # A copy of the OpenMOLE reference notes (not part of the repository), when PYTHON_TASK_OPENMOLE_REFERENCE names one.
 REFERENCE = Path(os.environ.get("PYTHON_TASK_OPENMOLE_REFERENCE", "")) if os.environ.get(
     "PYTHON_TASK_OPENMOLE_REFERENCE") else None
@@ -53,6 +53,7 @@ _file_ _parent_ omr
 # DSL names the plans use beyond that list, each read in OpenMOLE's source (v22.1 / dev f27e8a2c7a).
 SOURCE_DSL = {
     "Strain": "core.workflow composition/package.scala:658-673 (object Strain)",
+    "++=": "core.setter package.scala:112, 125, 163 (inputs, outputs, (inputs, outputs) ++= an Iterable of Vals)",
 }
 DSL_IDENTIFIERS = REFERENCE_DSL | set(SOURCE_DSL)
 UNITS = frozenset("second seconds minute minutes hour hours day days megabyte megabytes gigabyte gigabytes".split())
@@ -88,7 +89,15 @@ def calls(name: str, function: str) -> list:
 
 
 def scala_task_codes(name: str) -> list[str]:
-    return [string_value(c.child_by_field_name("arguments").named_children[0]) for c in calls(name, "ScalaTask")]
+    """The code of each ScalaTask of a script: a string literal, or evaluated (common.oms joins factors.oms' lines)."""
+    from .dsl import Evaluator
+
+    plan = load_plan(name if name in PLANS else "sweep.oms")
+    codes = []
+    for call in calls(name, "ScalaTask"):
+        argument = call.child_by_field_name("arguments").named_children[0]
+        codes.append(string_value(argument) if argument.type == "string" else Evaluator(plan, {}).eval(argument))
+    return codes
 
 
 def same(a, b) -> bool:
@@ -310,7 +319,31 @@ def test_the_point_never_exits_and_keeps_the_code(common):
     assert not re.search(r"(?<![(\w])exit\b", point), "use `(exit $code)`, never `exit`"
     assert point.rstrip().endswith("(exit $code)")
     assert "'" not in point, "the GPU path wraps the command in sh -c '...'"
-    assert point.startswith("timeout --kill-after=60s ") and f" {common.value('pointTimeLimitMinutes')}m " in point
+    kill_after, limit = common.value("pointKillAfterMinutes"), common.value("pointTimeLimitMinutes")
+    assert point.startswith(f"timeout --kill-after={kill_after}m {limit}m "), "local runs: no memory bound"
+
+
+@pytest.mark.parametrize("env", ["slurm", "slurm-gpu", "egi"])
+def test_a_batch_job_outlasts_its_points_and_holds_their_memory(env):
+    """A job killed at its time limit, or ended OUT_OF_MEMORY (a state gridscale does not know), is resubmitted
+    for ever: every point of a job must end, killed at worst, inside the job's time, and must fail inside its
+    memory bound before the job's limit is reached."""
+    plan = load_plan("sweep.oms", Settings(environ={"OM_ENV": env}))
+    per_point = plan.value("pointTimeLimitMinutes") + plan.value("pointKillAfterMinutes")
+    margin = plan.value("batchJobMinutes") - plan.value("pointsPerJob") * per_point
+    assert margin == plan.value("jobMarginMinutes") >= 15, "minutes left for the job's own start"
+    point = plan.value("pointCommand")
+    bound_mb = plan.value("pointMemoryMB")
+    assert point.startswith(f"ulimit -d {bound_mb * 1024}; timeout --kill-after="), "RLIMIT_DATA in kB"
+    environment = plan.value("env").args
+    job_mb = (environment["memory"].value if env != "egi" else plan.value("egiSlotMemoryMB"))
+    runtime_heap_mb = environment["openMOLEMemory"].value
+    assert bound_mb + runtime_heap_mb + 1024 <= job_mb, "the runtime's heap and ~1 GB beside the point"
+    assert bound_mb >= 2048, "TensorFlow needs room to train"
+    if env == "egi":
+        assert environment["cpuTime"].value == plan.value("batchJobMinutes")
+    else:
+        assert environment["time"].value == plan.value("batchJobMinutes")
 
 
 # ------------------------------------------------------------------------------------------------ names swept
@@ -397,31 +430,19 @@ def test_environment_is_chosen_in_one_place_with_lazy_environments():
         assert "Environment(" not in source(plan), f"{plan} builds its own environment"
 
 
-def test_batch_jobs_outlast_their_points(common):
-    """A batch job runs pointsPerJob points, each stopped by `timeout` after pointTimeLimitMinutes: its time
-    covers them with a margin, so a point cannot outlive its job (OpenMOLE resubmits such a job forever)."""
-    from .dsl import Settings
-
-    for env_name in ("slurm", "slurm-gpu", "egi"):
-        plan = load_plan("sweep.oms", Settings(environ={"OM_ENV": env_name}))
-        env = plan.value("env")
-        budget = env.args.get("time") or env.args.get("cpuTime")
-        per_point, n = plan.value("pointTimeLimitMinutes"), plan.value("pointsPerJob")
-        assert budget.unit == "minute" and budget.value >= n * per_point + 10, (env_name, budget, n, per_point)
-        node = plan.value("pointDefaults")  # evaluated, so the settings parse
-        assert node.name == "pointDefaults"
-
-
 def test_gpu_path_runs_apptainer_with_nv_and_a_clean_environment():
     from .dsl import Settings
 
     plan = load_plan("sweep.oms", Settings(environ={"OM_ENV": "slurm-gpu", "OM_CLUSTER_DATA": "/scratch/my data"}))
     command = plan.value("gpuCommand")
-    assert "apptainer exec --nv --cleanenv --no-home" in command
+    assert command.startswith("runner=$(command -v apptainer || command -v singularity) || {")
+    assert '"$runner" exec --nv --cleanenv --no-home $gpuenv --env KEEP_MODEL=' in command
+    assert 'gpuenv="--env CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES"' in command, "works with either runner"
+    assert "APPTAINERENV_" not in command and "SINGULARITYENV_" not in command
     assert '-B "/scratch/my data/shards":/data/shards:ro' in command, "host paths quoted"
     assert '-B "$PWD/out":/out' in command and '"/scratch/my data/python-task-gpu.sif"' in command
     probe = source("probe_gpu.oms")
-    assert "apptainerExec" in probe and "passCudaDevices" in probe and "nvidia-smi" in probe
+    assert "findRunner" in probe and "apptainerExec" in probe and "passCudaDevices" in probe and "nvidia-smi" in probe
     assert "jax.devices()" in probe and "accelerator_present" in probe and "slurmGpu" in probe
 
 
@@ -437,13 +458,14 @@ def test_every_system_exec_task_has_one_command():
             assert len(seqs[0].child_by_field_name("arguments").named_children) == 1, f"{name}: one command"
 
 
-def test_points_are_grouped_on_slurm_only():
+def test_points_are_grouped_on_batch_environments_only():
+    """SLURM: a job's fixed start cost shared; EGI: a job's downloads (the SIF, the shards archive) shared."""
     from .dsl import Settings
 
     grouping = {e: load_plan("sweep.oms", Settings(environ={"OM_ENV": e})).value("pointsPerJob")
                 for e in ("local", "local-gpu", "slurm", "slurm-gpu", "egi")}
-    assert grouping["slurm"] > 1 and grouping["slurm-gpu"] > 1
-    assert grouping["local"] == grouping["local-gpu"] == grouping["egi"] == 1
+    assert grouping["slurm"] > 1 and grouping["slurm-gpu"] > 1 and grouping["egi"] > 1
+    assert grouping["local"] == grouping["local-gpu"] == 1
 
 
 def test_the_number_of_folds_comes_from_splits_json(tmp_path):
