@@ -2,4 +2,4 @@
 
 from python_task.cli import main
 
-raise SystemExit(main())
+raise SystemExit(main(program=True))

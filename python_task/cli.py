@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from python_task.errors import EXIT_OUT_OF_MEMORY, ErrorList, TaskError, is_out_of_memory
-from python_task.runtime import PARENT_PID_ENV, exit_with_parent
+from python_task.runtime import PARENT_PID_ENV, exit_with_parent, filter_native_notices
 from python_task.shards.params import CODECS, ExtractParams
 from python_task.synth.config import SynthConfig
 from python_task.training import config as train_config
@@ -452,10 +452,14 @@ def configure_logging(verbose: bool, flags: Mapping[str, str]) -> None:
     logging.getLogger(PACKAGE_LOGGER).setLevel(level)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, program: bool = False) -> int:
+    """The command line. ``program``: this is the process's own ``python -m python_task`` (not a call from a
+    notebook or a test), whose stderr may then be filtered of TensorFlow's native notices."""
     parser = build_parser()
     args = parser.parse_args(argv)
     flags = option_flags(parser)
+    if program and not args.verbose and "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
+        filter_native_notices()
     configure_logging(args.verbose, flags)
     parent = os.environ.pop(PARENT_PID_ENV, "")
     if parent.isdigit():  # started by a runner (sweep) that must not leave this process behind when it dies

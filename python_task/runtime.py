@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import signal
 import sys
 import threading
@@ -86,3 +87,62 @@ def _watch_parent(parent: int) -> None:
     while os.getppid() == parent:
         time.sleep(_WATCH_SECONDS)
     os._exit(1)
+
+
+# Lines that TensorFlow's native code (absl logging) writes straight to file descriptor 2 at INFO and WARNING level,
+# some before TF_CPP_MIN_LOG_LEVEL is read: absl's notice that logging is not initialised yet, oneDNN's notice on
+# CPUs with AVX-512, cpu_feature_guard's (and its second line). ERROR and FATAL lines (E..., F...) are kept.
+NATIVE_NOTICE = re.compile(
+    rb"^(?:WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    rb"|[IW]\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ [\w.-]+:\d+\] "
+    rb"|To enable the following instructions: .* rebuild TensorFlow with the appropriate compiler flags\.)")
+
+
+def filter_native_notices() -> None:
+    """Keep :data:`NATIVE_NOTICE` lines off this process's stderr (file descriptor 2), for the command line.
+
+    Native code writes them to the descriptor itself, so no Python setting reaches them. Descriptor 2 becomes a
+    pipe read by a forked process that passes on every other line as it comes and ends when the last writer
+    closes the pipe: this process and the children that inherit its stderr. A separate process, not a thread, so
+    that what a crash writes last (a fatal native log line, faulthandler's traceback) still gets out. Call it
+    early, before any thread starts (it forks); at exit this process hands the descriptor back and waits briefly
+    for the filter to drain.
+    """
+    real = os.dup(2)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the filter
+        try:
+            os.close(write_end)
+            os.dup2(real, 2)
+            with os.fdopen(read_end, "rb", buffering=0) as pipe:
+                for line in iter(pipe.readline, b""):
+                    if not NATIVE_NOTICE.match(line):
+                        os.write(real, line)
+        finally:
+            os._exit(0)
+    os.close(read_end)
+    sys.stderr.flush()
+    pipe = os.fstat(write_end)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def drain() -> None:
+        sys.stderr.flush()
+        os.dup2(real, 2)
+        for name in os.listdir("/proc/self/fd"):  # copies of the pipe a library made (absl duplicates stderr)
+            fd = int(name)
+            try:
+                if fd > 2 and os.path.samestat(os.fstat(fd), pipe):
+                    os.close(fd)
+            except OSError:
+                pass
+        # this process's ends closed: the filter ends once the children that inherited one have closed theirs
+        for _ in range(50):
+            if os.waitpid(pid, os.WNOHANG) != (0, 0):
+                return
+            time.sleep(0.02)
+
+    import atexit
+
+    atexit.register(drain)

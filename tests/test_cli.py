@@ -119,3 +119,26 @@ def test_other_libraries_log_lines_stay_off_stderr(capsys):
     logging.getLogger("tifffile").error("shown with -v")
     assert "ERROR tifffile: shown with -v" in capsys.readouterr().err
     cli.configure_logging(False, flags())
+
+
+def test_tensorflows_native_notices_stay_off_stderr_and_the_rest_gets_out_even_after_a_crash():
+    """Native code writes absl's and oneDNN's notices straight to descriptor 2 (on AVX-512 CPUs despite
+    TF_CPP_MIN_LOG_LEVEL): the command line's filter drops those, keeps error lines, and loses nothing when the
+    process then dies."""
+    code = "\n".join([
+        "import os, sys",
+        "from python_task.runtime import filter_native_notices",
+        "filter_native_notices()",
+        "os.write(2, b'WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\\n')",
+        "os.write(2, b'I0000 00:00:1796677289.606413   30662 port.cc:153] oneDNN custom operations are on.\\n')",
+        "os.write(2, b'W0000 00:00:1796677289.606413   30662 cpu_feature_guard.cc:210] This TensorFlow binary\\n')",
+        "os.write(2, b'To enable the following instructions: AVX512F, in other operations, rebuild TensorFlow with "
+        "the appropriate compiler flags.\\n')",
+        "os.write(2, b'E0000 00:00:1796677289.606413   30662 cuda.cc:1] a native error\\n')",
+        "print('error: x.h5: a line of ours', file=sys.stderr)",
+        "os.abort()",
+    ])
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode < 0, "aborted"
+    assert proc.stderr.splitlines() == ["E0000 00:00:1796677289.606413   30662 cuda.cc:1] a native error",
+                                        "error: x.h5: a line of ours"]
