@@ -270,7 +270,10 @@ def run_isolated(argv: Sequence[str], binds: Sequence[Bind], env: Mapping[str, s
     private_home = "home" not in tops and _private_home_possible()
     skip = tops | ({"tmp"} if fresh_tmp else set()) | ({"home"} if private_home else set())
     q = shlex.quote
-    lines = ["set -e", 'root=$(mktemp -d /tmp/om-root.XXXXXX)', 'mount -t tmpfs -o mode=0755 om-root "$root"']
+    # this run's own mount point, made here so that only it is removed after (another run's looks empty from
+    # outside its namespace too)
+    root = Path(subprocess.check_output(["mktemp", "-d", "/tmp/om-root.XXXXXX"], text=True).strip())
+    lines = ["set -e", f"root={shlex.quote(str(root))}", 'mount -t tmpfs -o mode=0755 om-root "$root"']
     for b in binds:
         lines.append(f"[ -e {q(b.source)} ] || {{ echo {q(f'FATAL: container creation failed: mount {b.source}->{b.destination} error: mount source {b.source} does not exist')} >&2; exit 255; }}")
     for entry in sorted(os.listdir("/")):
@@ -308,9 +311,8 @@ def run_isolated(argv: Sequence[str], binds: Sequence[Bind], env: Mapping[str, s
                               capture_output=True, text=True, timeout=timeout)
     finally:
         launcher.unlink(missing_ok=True)
-        for leftover in Path("/tmp").glob("om-root.*"):
-            if leftover.is_dir() and not any(leftover.iterdir()):
-                leftover.rmdir()
+        if root.is_dir() and not any(root.iterdir()):
+            root.rmdir()
 
 
 # ------------------------------------------------------------------------------------------------ the engine

@@ -96,11 +96,11 @@ def test_a_new_option_is_one_field(monkeypatch, tmp_path, capsys):
 
 
 def test_the_openmole_train_command_uses_train_options_only():
-    """``trainCommand`` of openmole/common.oms, read with a plain regex: every ``--flag`` is a train option, every
+    """``trainCommand`` of openmole/factors.oms, read with a plain regex: every ``--flag`` is a train option, every
     ``--x-y ${x_y}`` substitutes the Val named like the option's key, and the required options are there."""
-    source = (REPO_ROOT / "openmole" / "common.oms").read_text(encoding="utf-8")
-    match = re.search(r'val\s+trainCommand\s*=\s*"""(.*?)"""', source, re.S)
-    assert match, "common.oms defines trainCommand"
+    source = (REPO_ROOT / "openmole" / "factors.oms").read_text(encoding="utf-8")
+    match = re.search(r'^val\s+trainCommand\s*=\s*"([^"\n]*)"$', source, re.M)
+    assert match, "factors.oms defines trainCommand"
     command = match.group(1)
     assert "python -m python_task train " in command
     by_flag = {o.flag: o for o in train_options().values()}
