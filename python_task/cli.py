@@ -452,13 +452,19 @@ def configure_logging(verbose: bool, flags: Mapping[str, str]) -> None:
     logging.getLogger(PACKAGE_LOGGER).setLevel(level)
 
 
+def _native_level() -> int:
+    """TF_CPP_MIN_LOG_LEVEL as the user (or the image) set it; 2 when unset or unreadable."""
+    value = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")
+    return int(value) if value.strip().isdigit() else 2
+
+
 def main(argv: Sequence[str] | None = None, *, program: bool = False) -> int:
     """The command line. ``program``: this is the process's own ``python -m python_task`` (not a call from a
     notebook or a test), whose stderr may then be filtered of TensorFlow's native notices."""
     parser = build_parser()
     args = parser.parse_args(argv)
     flags = option_flags(parser)
-    if program and not args.verbose and "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
+    if program and not args.verbose and _native_level() >= 2:  # what TF_CPP_MIN_LOG_LEVEL=2 means: no INFO, WARNING
         filter_native_notices()
     configure_logging(args.verbose, flags)
     parent = os.environ.pop(PARENT_PID_ENV, "")

@@ -169,9 +169,9 @@ def load_plan(name: str, settings: Settings | None = None) -> Plan:
 
 # ------------------------------------------------------------------------------------------------ the image
 
-def image_environment(dockerfile: Path = REPO_ROOT / "Dockerfile", variant: str = "cpu") -> list[tuple[str, str]]:
-    """The ENV of an image, in order, as its config lists it: the CPU image is the Dockerfile's last stage, the
-    GPU image its ``runtime-gpu`` stage; ``$PATH`` of the base image is python:3.11-slim's."""
+def _image_stages(dockerfile: Path, variant: str) -> list[list[tuple[str, str]]]:
+    """The instructions (word, rest) of the image's stage and of the stages it is built ``FROM``, from the image's
+    own stage down to the first one: the CPU image is the Dockerfile's last stage, the GPU image ``runtime-gpu``."""
     stages: dict[str, tuple[str, list[tuple[str, str]]]] = {}
     current = last = None
     for instruction in _dockerfile_instructions(dockerfile.read_text()):
@@ -180,17 +180,24 @@ def image_environment(dockerfile: Path = REPO_ROOT / "Dockerfile", variant: str 
             parts = rest.split()
             current = last = parts[2] if len(parts) > 2 and parts[1].upper() == "AS" else parts[0]
             stages[current] = (parts[0], [])
-        elif word.upper() == "ENV" and current is not None:
-            stages[current][1].extend(_env_pairs(rest))
+        elif current is not None:
+            stages[current][1].append((word.upper(), rest))
     chain, stage = [], (last if variant == "cpu" else "runtime-gpu")
     while stage in stages:
-        base, envs = stages[stage]
-        chain.append(envs)
+        base, instructions = stages[stage]
+        chain.append(instructions)
         stage = base
+    return chain
+
+
+def image_environment(dockerfile: Path = REPO_ROOT / "Dockerfile", variant: str = "cpu") -> list[tuple[str, str]]:
+    """The ENV of an image, in order, as its config lists it; ``$PATH`` of the base image is python:3.11-slim's."""
     env: dict[str, str] = {"PATH": OFFICIAL_PYTHON_PATH}
-    for envs in reversed(chain):
-        for k, v in envs:
-            env[k] = v.replace("${PATH}", env.get("PATH", "")).replace("$PATH", env.get("PATH", ""))
+    for instructions in reversed(_image_stages(dockerfile, variant)):
+        for word, rest in instructions:
+            if word == "ENV":
+                for k, v in _env_pairs(rest):
+                    env[k] = v.replace("${PATH}", env.get("PATH", "")).replace("$PATH", env.get("PATH", ""))
     return list(env.items())
 
 
@@ -809,22 +816,10 @@ def _container_path(path: str, image_workdir: str | None = None) -> str:
 
 def image_working_directory(dockerfile: Path = REPO_ROOT / "Dockerfile", variant: str = "cpu") -> str:
     """The image's WorkingDir: the last ``WORKDIR`` of its stage or the stages it is built ``FROM`` ("" if none)."""
-    stages: dict[str, tuple[str, str | None]] = {}
-    current = last = None
-    for instruction in _dockerfile_instructions(dockerfile.read_text()):
-        word, _, rest = instruction.partition(" ")
-        if word.upper() == "FROM":
-            parts = rest.split()
-            current = last = parts[2] if len(parts) > 2 and parts[1].upper() == "AS" else parts[0]
-            stages[current] = (parts[0], None)
-        elif word.upper() == "WORKDIR" and current is not None:
-            stages[current] = (stages[current][0], rest.strip())
-    stage = last if variant == "cpu" else "runtime-gpu"
-    while stage in stages:
-        base, workdir = stages[stage]
-        if workdir is not None:
-            return workdir
-        stage = base
+    for instructions in _image_stages(dockerfile, variant):
+        workdirs = [rest.strip() for word, rest in instructions if word == "WORKDIR"]
+        if workdirs:
+            return workdirs[-1]
     return ""
 
 
