@@ -112,7 +112,7 @@ def render() -> str:
     lines += [
         "",
         "// Every factor: the inputs and outputs of each task a point passes through.",
-        "val factors = Seq(" + ", ".join(f.key for f in factors) + ")",
+        "val factors: Seq[Val[?]] = Seq(" + ", ".join(f.key for f in factors) + ")",
         "",
         "// Each factor's default, train's own (a value that reaches the task, a plan's factor, wins over it); fold",
         "// always comes from the fold loop. train has no default architecture: a plan that sets none trains "
@@ -135,7 +135,7 @@ def render() -> str:
     ]
     lines += [f"val {m} = Val[Double]" for m in RESULT_METRICS]
     lines += [
-        "val metrics = Seq(" + ", ".join(RESULT_METRICS) + ")",
+        "val metrics: Seq[Val[?]] = Seq(" + ", ".join(RESULT_METRICS) + ")",
         "",
         "// Lines of the parse task's code: each metric read with its `metric` function, then the point's id.",
         'val readMetricsCode = """',
