@@ -247,7 +247,7 @@ def _sort_key(value: Any) -> tuple[int, Any]:
 
 
 def higher_is_better(metric: str) -> bool:
-    return not (metric.endswith("loss") or metric.endswith("seconds"))
+    return not metric.endswith(("loss", "seconds", "brier"))
 
 
 def _columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:

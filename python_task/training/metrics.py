@@ -12,7 +12,8 @@ Definitions where a choice was needed:
   Keras' epsilon, unless the caller passes its own ``loss``.
 * Slide/patient level: a group's score aggregates its tile probabilities (``mean`` by default, ``median``, or
   ``top10`` = mean of its highest ceil(10 %) tiles); its label is the maximum tile label (malignant if any tile is).
-  Group accuracy compares the score, at the tile threshold, with that label.
+  A group is called malignant when its score reaches the threshold (:func:`group_decisions`: accuracy, balanced
+  accuracy, sensitivity, specificity; and the Brier score of the score against the label).
 * :func:`choose_threshold`: the ROC cut-off maximising Youden's J (TPR - FPR), moved half-way down to the next
   lower score, so it separates the two scores around it instead of sitting on one of them; 0.5 when undefined.
 * :func:`choose_slide_threshold`: the decision threshold ``train`` records, chosen on the tuning set for the
@@ -44,10 +45,15 @@ CONTRACT_METRICS = (*TILE_KEYS, "val_slide_auc", "val_patient_auc", "threshold",
 # Beyond the contract, in ``metrics.json`` since issue 14 and in the local runner's ``results.csv``: how the
 # epoch and threshold were chosen and how many patients (per class) lie behind the patient- and slide-level
 # figures; the report reads them where present (OpenMOLE's tables may lack them).
+# The decisions a pathologist reads, at the run's threshold: per slide and per patient (a group's score as
+# :func:`aggregate` gives it, called malignant when it reaches the threshold), and the Brier score of that score
+# against the group's label (its calibration and sharpness in one number, lower is better).
+DECISION_METRICS = tuple(f"val_{level}_{name}" for level in ("slide", "patient")
+                         for name in ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "brier"))
 SELECTION_METRICS = ("tune_auc", "selection_tuned", "best_epoch", "n_tune_patients")
 COUNT_METRICS = ("n_val_patients", "n_val_patients_pos", "n_val_patients_neg", "n_val_slides", "n_val_slides_pos",
                  "n_val_slides_neg")
-RESULT_METRICS = (*CONTRACT_METRICS, *SELECTION_METRICS, *COUNT_METRICS)
+RESULT_METRICS = (*CONTRACT_METRICS, *DECISION_METRICS, *SELECTION_METRICS, *COUNT_METRICS)
 
 
 def _arrays(y_true, prob) -> tuple[np.ndarray, np.ndarray]:
@@ -210,18 +216,28 @@ def group_auc(y_true, prob, groups, how: str = "mean") -> float:
     return auc(labels, scores)
 
 
-def group_accuracy(y_true, prob, groups, threshold: float, how: str = "mean") -> float:
-    """Fraction of groups whose aggregated score, at ``threshold``, matches their label; NaN when undefined."""
+def group_decisions(y_true, prob, groups, threshold: float, how: str = "mean") -> dict[str, float]:
+    """The decisions on groups (slides or patients) at ``threshold``: ``accuracy``, ``balanced_accuracy``,
+    ``sensitivity``, ``specificity`` of their aggregated scores against their labels, and ``brier``, the mean squared
+    difference between score and label. NaN where undefined (no group, a non-finite score; balanced accuracy,
+    sensitivity or specificity without a group of the class they need)."""
     _, scores, labels = aggregate(prob, y_true, groups, how)
+    names = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "brier")
     if len(scores) == 0 or not np.isfinite(scores).all():
-        return NAN
-    return float(np.mean((scores >= threshold).astype(np.int64) == labels))
+        return dict.fromkeys(names, NAN)
+    called = (scores >= threshold).astype(np.int64)
+    tn, fp, fn, tp = _confusion(labels, called)
+    sensitivity, specificity = _ratio(tp, tp + fn), _ratio(tn, tn + fp)
+    return {"accuracy": float(np.mean(called == labels)),
+            "balanced_accuracy": (sensitivity + specificity) / 2,
+            "sensitivity": sensitivity, "specificity": specificity,
+            "brier": float(np.mean((scores - labels) ** 2))}
 
 
 def evaluation_metrics(y_true, prob, slide_ids: Sequence[str], patient_ids: Sequence[str],
                        threshold: float | None = None, loss: float | None = None) -> dict[str, float]:
-    """Tile metrics plus ``val_slide_auc``, ``val_patient_auc``, ``val_slide_accuracy``, ``val_patient_accuracy``
-    (mean tile probability per group) and ``threshold``.
+    """Tile metrics plus ``val_slide_auc``, ``val_patient_auc``, the decisions per slide and per patient
+    (:data:`DECISION_METRICS`, mean tile probability per group) and ``threshold``.
 
     ``threshold`` defaults to :func:`choose_threshold` on these same predictions, so the thresholded metrics are
     optimistic for them; ``train`` passes the threshold chosen on its tuning set (:func:`choose_slide_threshold`)
@@ -230,8 +246,9 @@ def evaluation_metrics(y_true, prob, slide_ids: Sequence[str], patient_ids: Sequ
     t = choose_threshold(y_true, prob) if threshold is None else float(threshold)
     out = tile_metrics(y_true, prob, t, loss)
     out.update(val_slide_auc=group_auc(y_true, prob, slide_ids), val_patient_auc=group_auc(y_true, prob, patient_ids),
-               val_slide_accuracy=group_accuracy(y_true, prob, slide_ids, t),
-               val_patient_accuracy=group_accuracy(y_true, prob, patient_ids, t), threshold=t)
+               threshold=t)
+    for level, groups in (("slide", slide_ids), ("patient", patient_ids)):
+        out.update({f"val_{level}_{k}": v for k, v in group_decisions(y_true, prob, groups, t).items()})
     return {k: float(v) for k, v in out.items()}
 
 

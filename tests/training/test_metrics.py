@@ -8,12 +8,20 @@ import math
 import numpy as np
 import pytest
 
-from python_task.training.metrics import aggregate, choose_threshold, evaluation_metrics, group_auc, tile_metrics
+from python_task.training.metrics import (
+    DECISION_METRICS,
+    RESULT_METRICS,
+    aggregate,
+    choose_threshold,
+    evaluation_metrics,
+    group_auc,
+    group_decisions,
+    tile_metrics,
+)
 
 TILE_KEYS = {"val_auc", "val_accuracy", "val_balanced_accuracy", "val_sensitivity", "val_specificity", "val_f1",
              "val_loss"}
-EVAL_KEYS = TILE_KEYS | {"val_slide_auc", "val_patient_auc", "threshold", "val_slide_accuracy",
-                         "val_patient_accuracy"}
+EVAL_KEYS = TILE_KEYS | {"val_slide_auc", "val_patient_auc", "threshold"} | set(DECISION_METRICS)
 
 # 3 benign and 4 malignant tiles; at threshold 0.5: TN 2, FP 1 (0.6), FN 1 (0.3), TP 3
 Y = [0, 0, 0, 1, 1, 1, 1]
@@ -116,6 +124,10 @@ def test_slide_and_patient_auc_by_hand():
     assert m["val_slide_auc"] == pytest.approx(3 / 4) and m["val_patient_auc"] == pytest.approx(3 / 4)
     # at 0.65: s1 right, s2 wrong (0.6 < 0.65), s3 wrong, s4 right
     assert m["val_slide_accuracy"] == pytest.approx(2 / 4) and m["threshold"] == 0.65
+    # malignant s2 missed, s4 called: sensitivity 1/2; benign s1 right, s3 called malignant: specificity 1/2
+    assert m["val_slide_sensitivity"] == m["val_slide_specificity"] == m["val_slide_balanced_accuracy"] == 0.5
+    # Brier: ((0.2-0)^2 + (0.6-1)^2 + (0.7-0)^2 + (0.9-1)^2) / 4
+    assert m["val_slide_brier"] == pytest.approx((0.04 + 0.16 + 0.49 + 0.01) / 4)
     plain_floats(m)
     two = evaluation_metrics(y, prob, slides, ["q1", "q1", "q2", "q2", "q2", "q2"], threshold=0.5)
     # q1: tiles 0.1, 0.3, benign, mean 0.2; q2: 0.8, 0.4, 0.7, 0.9 malignant, mean 0.7 -> perfectly ranked
@@ -140,3 +152,18 @@ def test_youden_threshold_on_overlapping_classes():
     assert choose_threshold(y, p) == pytest.approx(0.5)
     m = tile_metrics(y, p, choose_threshold(y, p))
     assert m["val_sensitivity"] + m["val_specificity"] - 1 == pytest.approx(2 / 3)
+
+
+def test_group_decisions_are_the_calls_a_pathologist_reads():
+    # slides: a 0.9 (malignant), b 0.55 (malignant), c 0.3 (benign), d 0.6 (benign); at 0.5: b and d called malignant
+    y = [1, 1, 0, 1, 0, 0, 0, 0]
+    prob = [0.9, 0.9, 0.5, 0.6, 0.3, 0.3, 0.6, 0.6]
+    slides = ["a", "a", "b", "b", "c", "c", "d", "d"]
+    d = group_decisions(y, prob, slides, 0.5)
+    assert d["sensitivity"] == 1.0 and d["specificity"] == 0.5 and d["accuracy"] == 0.75
+    assert d["balanced_accuracy"] == 0.75 and d["brier"] == pytest.approx((0.01 + 0.2025 + 0.09 + 0.36) / 4)
+    one_class = group_decisions([0, 0], [0.2, 0.7], ["a", "b"], 0.5)
+    assert one_class["specificity"] == 0.5 and math.isnan(one_class["sensitivity"])
+    assert math.isnan(one_class["balanced_accuracy"]), "undefined without a malignant group"
+    assert all(math.isnan(v) for v in group_decisions([], [], [], 0.5).values())
+    assert set(DECISION_METRICS) <= set(RESULT_METRICS), "they travel to results.csv and the OpenMOLE table"
