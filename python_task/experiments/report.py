@@ -65,8 +65,8 @@ STATS = ("mean", "std", "ci_low", "ci_high")
 CONFIDENCE = 0.95
 MISSING = {"", "nan", "none", "null", "na", "n/a"}
 OK_STATUS = {"ok", "success", "succeeded", "done", "completed"}
-TABLE_METRICS = ("val_auc", "val_slide_auc", "val_patient_auc", "val_balanced_accuracy", "n_params",
-                 "train_seconds")
+TABLE_METRICS = ("val_auc", "val_slide_auc", "val_patient_auc", "val_balanced_accuracy", "val_slide_accuracy",
+                 "val_patient_accuracy", "val_slide_brier", "n_params", "train_seconds")
 MAX_BOXES = 40
 
 
@@ -385,6 +385,24 @@ def tie_breaker(an: Analysis) -> str | None:
         if m != an.metric and m in an.metrics:
             return m
     return None
+
+
+def ranking_tie(an: Analysis) -> str | None:
+    """A sentence when every configuration with a value shares the same mean of the ranking metric (the patient AUC
+    at 1.000 everywhere, say): the ranking then says nothing, and the sentence names the metric that ordered them
+    and its spread. None when the ranking metric separates them or there are fewer than two configurations."""
+    means = [r[f"{an.metric}_mean"] for r in an.summary if math.isfinite(r[f"{an.metric}_mean"])]
+    if len(means) < 2 or max(means) - min(means) > 1e-9:
+        return None
+    second = tie_breaker(an)
+    seconds = [r[f"{second}_mean"] for r in an.summary if second and math.isfinite(r[f"{second}_mean"])]
+    if not seconds:
+        return (f"Every configuration has the same mean {an.metric} ({_fmt_metric(means[0], an.metric)}): the "
+                f"ranking metric does not separate them, and no other metric orders them.")
+    return (f"Every configuration has the same mean {an.metric} ({_fmt_metric(means[0], an.metric)}): the ranking "
+            f"metric does not separate them. They are ordered by {second} (means from "
+            f"{_fmt_metric(min(seconds), second)} to {_fmt_metric(max(seconds), second)}); look at the decisions "
+            f"(val_slide_accuracy, val_patient_accuracy) before calling one better.")
 
 
 def summarize(rows: Sequence[Mapping[str, Any]], *, metric: str = "val_patient_auc") -> list[dict[str, Any]]:
@@ -938,6 +956,9 @@ def make_report(results_csv: str | os.PathLike[str], out_dir: str | os.PathLike[
                     f"{_e(lines)}.</p>")
 
     body.append("<h2>Ranking</h2>")
+    tie = ranking_tie(an)
+    if tie:
+        body.append(f'<p class="warn" id="tie">{_e(tie)}</p>')
     body.append(_ranking_html(an, shown))
     body.append(_chance_note(an))
     body.append("<h2>Failed points and missing metrics</h2>")

@@ -483,6 +483,26 @@ def test_counts_are_metrics_and_ties_break_on_the_tile_auc(tmp_path):
             assert 0.0 <= r[f"{key}_ci_low"] <= r[f"{key}_ci_high"] <= 1.0
 
 
+def test_a_ranking_metric_that_ties_everywhere_is_said_and_the_decisions_are_shown(tmp_path):
+    """Patient AUC 1.000 for every configuration ranks nothing: the report says so, names the metric that ordered
+    them, and its table shows the slide and patient calls beside the AUCs."""
+    rows = _honest_rows()
+    for row in rows:
+        row.update(val_slide_accuracy=0.8 if row["arch"] == "b" else 1.0, val_patient_accuracy=0.75,
+                   val_slide_brier=0.1)
+    html = make_report(_write(tmp_path / "r.csv", rows), tmp_path / "report").read_text()
+    tie = html[html.index('id="tie"'):].split("</p>")[0]
+    assert "Every configuration has the same mean val_patient_auc (1.000)" in tie
+    assert "ordered by val_auc (means from 0.620 to 0.920)" in tie
+    ranking = html[html.index('<table class="ranking"') if '<table class="ranking"' in html else
+                   html.index("ranking"):].split("</table>")[0]
+    for column in ("val_slide_accuracy (mean)", "val_patient_accuracy (mean)", "val_slide_brier (mean)"):
+        assert column in ranking, column
+    rows[0]["val_patient_auc"] = 0.9  # a configuration the ranking metric separates: no notice
+    html = make_report(_write(tmp_path / "s.csv", rows), tmp_path / "report2").read_text()
+    assert 'id="tie"' not in html
+
+
 def test_report_shows_the_patients_behind_each_figure_few_patient_folds_and_the_optimism(tmp_path):
     parsed_path = make_report(_write(tmp_path / "r.csv", _honest_rows()), tmp_path / "out")
     parsed = _parse(parsed_path)
