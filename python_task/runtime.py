@@ -6,6 +6,7 @@ Keras (and the backend) are imported only when asked, so importing this module c
 
 from __future__ import annotations
 
+import atexit
 import os
 import platform
 import re
@@ -142,7 +143,5 @@ def filter_native_notices() -> None:
             if os.waitpid(pid, os.WNOHANG) != (0, 0):
                 return
             time.sleep(0.02)
-
-    import atexit
 
     atexit.register(drain)

@@ -120,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     if reason:
         print(f"openmole_emulated_runs: the ContainerTask emulation {reason}", file=sys.stderr)
         return 2
+    if args.plans_rev is not None and subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--quiet", "--verify", f"{args.plans_rev}^{{commit}}"],
+            capture_output=True).returncode != 0:
+        print(f"error: --plans-rev: {args.plans_rev!r} is not a commit of {REPO}", file=sys.stderr)
+        return 2
     work = args.work or Path(tempfile.mkdtemp(prefix="om-emulated-"))
     print(f"plans: {args.plans_rev or 'working tree'}; work folder: {work}")
     shards, splits = make_cohort(work / "data")

@@ -21,6 +21,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from python_task.fileio import write_text_atomic
 from python_task.training.config import TrainOption, train_options
 from python_task.training.metrics import RESULT_METRICS
 
@@ -151,7 +152,7 @@ def render() -> str:
 
 
 def write(path: Path = OUTPUT) -> Path:
-    path.write_text(render(), encoding="utf-8")
+    write_text_atomic(path, render())
     return path
 
 

@@ -396,13 +396,13 @@ def ranking_tie(an: Analysis) -> str | None:
         return None
     second = tie_breaker(an)
     seconds = [r[f"{second}_mean"] for r in an.summary if second and math.isfinite(r[f"{second}_mean"])]
+    head = (f"Every configuration has the same mean {an.metric} ({_fmt_metric(means[0], an.metric)}): the ranking "
+            f"metric does not separate them")
     if not seconds:
-        return (f"Every configuration has the same mean {an.metric} ({_fmt_metric(means[0], an.metric)}): the "
-                f"ranking metric does not separate them, and no other metric orders them.")
-    return (f"Every configuration has the same mean {an.metric} ({_fmt_metric(means[0], an.metric)}): the ranking "
-            f"metric does not separate them. They are ordered by {second} (means from "
-            f"{_fmt_metric(min(seconds), second)} to {_fmt_metric(max(seconds), second)}); look at the decisions "
-            f"(val_slide_accuracy, val_patient_accuracy) before calling one better.")
+        return head + ", and no other metric orders them."
+    return (f"{head}. They are ordered by {second} (means from {_fmt_metric(min(seconds), second)} to "
+            f"{_fmt_metric(max(seconds), second)}); look at the decisions (val_slide_accuracy, val_patient_accuracy) "
+            f"before calling one better.")
 
 
 def summarize(rows: Sequence[Mapping[str, Any]], *, metric: str = "val_patient_auc") -> list[dict[str, Any]]:
