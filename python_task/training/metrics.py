@@ -28,13 +28,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 NAN = float("nan")
 FIXED_THRESHOLD = 0.5  # the decision threshold without a tuning set (and whenever one cannot be chosen)
-AGGREGATIONS = ("mean", "median", "top10")
+AGGREGATIONS = ("mean", "median", "q90", "top10", "smoothed_max")  # tiles -> slide or patient: see aggregate
 TOP_FRACTION = 0.1  # ``top10``: a group's score is the mean of its highest 10 % of tile probabilities
+QUANTILE = 0.9  # ``q90``: a group's score is this quantile of its tile probabilities
+NEIGHBOUR_REACH = 1.01  # ``smoothed_max``: neighbours lie within this many tile sides (1.01: the 3 x 3 on a grid)
 PROB_EPSILON = 1e-7
 TILE_KEYS = ("val_auc", "val_accuracy", "val_balanced_accuracy", "val_sensitivity", "val_specificity", "val_f1",
              "val_loss")
@@ -50,7 +54,8 @@ CONTRACT_METRICS = (*TILE_KEYS, "val_slide_auc", "val_patient_auc", "threshold",
 # against the group's label (its calibration and sharpness in one number, lower is better).
 DECISION_METRICS = tuple(f"val_{level}_{name}" for level in ("slide", "patient")
                          for name in ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "brier"))
-SELECTION_METRICS = ("tune_auc", "selection_tuned", "best_epoch", "n_tune_patients")
+SELECTION_METRICS = ("tune_auc", "selection_tuned", "best_epoch", "n_tune_patients", "n_calibration_patients",
+                     "calibration_seconds")
 COUNT_METRICS = ("n_val_patients", "n_val_patients_pos", "n_val_patients_neg", "n_val_slides", "n_val_slides_pos",
                  "n_val_slides_neg")
 RESULT_METRICS = (*CONTRACT_METRICS, *DECISION_METRICS, *SELECTION_METRICS, *COUNT_METRICS)
@@ -102,9 +107,9 @@ def choose_threshold(y_true, prob) -> float:
     return float((t + below.max()) / 2) if below.size else t
 
 
-def choose_slide_threshold(y_true, prob, slide_ids) -> float:
-    """The decision threshold chosen on (tuning) tiles for the slide-level decision: see the module doc."""
-    _, scores, labels = aggregate(prob, y_true, slide_ids, "mean")
+def choose_slide_threshold(y_true, prob, slide_ids, how: str = "mean", layout: TileLayout | None = None) -> float:
+    """The decision threshold chosen on (calibration) tiles for the slide-level decision: see the module doc."""
+    _, scores, labels = aggregate(prob, y_true, slide_ids, how, layout)
     if not _defined(labels, scores):
         return FIXED_THRESHOLD
     values = np.unique(scores)
@@ -158,11 +163,25 @@ def tile_metrics(y_true, prob, threshold: float, loss: float | None = None) -> d
     return {k: float(v) for k, v in out.items()}
 
 
-def aggregate(prob, y_true, groups, how: str = "mean") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+@dataclass(frozen=True)
+class TileLayout:
+    """Where tiles lie, for the ``smoothed_max`` aggregation: level-0 top-left corners (N x 2), a tile's level-0
+    side (one for all, or one per tile) and, when groups span slides (patients), each tile's slide, so that
+    neighbourhoods never cross from one slide to another."""
+
+    coords: Any
+    extent: Any
+    slides: Any = None
+
+
+def aggregate(prob, y_true, groups, how: str = "mean",
+              layout: TileLayout | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per group (slide or patient): sorted unique ids, score and label (1 if any of its tiles is malignant).
 
-    ``how``: ``mean`` tile probability, ``median``, or ``top10`` (mean of the highest ceil(10 %) tiles, at least
-    one). A group with a non-finite probability gets a NaN score. Empty input gives three empty arrays.
+    ``how`` (:data:`AGGREGATIONS`): ``mean`` tile probability, ``median``, ``q90`` (the 90th percentile),
+    ``top10`` (mean of the highest ceil(10 %) tiles, at least one) or ``smoothed_max`` (the highest of the tiles'
+    neighbourhood means, :func:`smoothed_max`; needs the tiles' :class:`TileLayout`). A group with a non-finite probability gets a NaN score. Empty input
+    gives three empty arrays.
     """
     if how not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {how!r}; choose from {', '.join(AGGREGATIONS)}")
@@ -178,20 +197,54 @@ def aggregate(prob, y_true, groups, how: str = "mean") -> tuple[np.ndarray, np.n
     labels = np.zeros(len(ids), dtype=np.int64)
     np.maximum.at(labels, inverse, y)
     if how == "mean":
-        scores = np.bincount(inverse, weights=p, minlength=len(ids)) / counts
-    else:
-        order = np.lexsort((p, inverse))  # by group, then probability ascending (NaN last)
-        ends = np.cumsum(counts)
-        scores = np.empty(len(ids))
-        for k, (start, end) in enumerate(zip(ends - counts, ends)):
-            vals = p[order[start:end]]
-            if not np.isfinite(vals).all():
-                scores[k] = NAN
-            elif how == "median":
-                scores[k] = np.median(vals)
-            else:
-                scores[k] = top_fraction_mean(vals)
+        return ids, np.bincount(inverse, weights=p, minlength=len(ids)) / counts, labels
+    if how == "smoothed_max":
+        if layout is None:
+            raise ValueError("the smoothed_max aggregation needs the tiles' coordinates and extent")
+        xy = np.asarray(layout.coords, dtype=np.float64).reshape(len(p), 2)
+        ext = np.broadcast_to(np.asarray(layout.extent, dtype=np.float64), p.shape)
+        section = (np.unique(np.asarray(layout.slides).reshape(-1), return_inverse=True)[1].reshape(-1)
+                   if layout.slides is not None else np.zeros(len(p), np.int64))
+    scores = np.empty(len(ids))
+    for k in range(len(ids)):
+        rows = np.flatnonzero(inverse == k)
+        vals = p[rows]
+        if not np.isfinite(vals).all():
+            scores[k] = NAN
+        elif how == "median":
+            scores[k] = np.median(vals)
+        elif how == "q90":
+            scores[k] = np.quantile(vals, QUANTILE)
+        elif how == "top10":
+            scores[k] = top_fraction_mean(vals)
+        else:
+            scores[k] = smoothed_max(vals, xy[rows], float(ext[rows].max()), section[rows])
     return ids, scores.astype(np.float64), labels
+
+
+def aggregate_tiles(prob, how: str, layout: TileLayout | None = None) -> float:
+    """One group's score (a slide's, in ``predict``) by :func:`aggregate`'s rule ``how``."""
+    p = np.asarray(prob, dtype=np.float64).reshape(-1)
+    return float(aggregate(p, np.zeros(len(p), np.int64), np.zeros(len(p), np.int64), how, layout)[1][0]) \
+        if len(p) else NAN
+
+
+def smoothed_max(values, coords, extent: float, sections=None) -> float:
+    """The highest neighbourhood mean: each tile's probability averaged with those of the tiles whose top-left
+    corner lies within one tile side of its own (Chebyshev distance, so the 3 x 3 tiles around it on a grid whose
+    step is the tile), then the maximum over tiles. One confident tile among benign neighbours is diluted by them;
+    a lesion of a few adjacent tiles keeps its level (tiles absent from the grid, outside the tissue or the
+    annotations, do not count; nor do tiles of another ``sections`` value: another slide). NaN without tiles."""
+    from sklearn.neighbors import KDTree
+
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if v.size == 0:
+        return NAN
+    xy = np.asarray(coords, dtype=np.float64).reshape(len(v), 2)
+    if sections is not None:  # a third axis on which two sections lie further apart than any reach
+        xy = np.column_stack([xy, np.asarray(sections, dtype=np.float64) * 4 * max(extent, 1.0)])
+    neighbours = KDTree(xy, metric="chebyshev").query_radius(xy, r=extent * NEIGHBOUR_REACH)
+    return float(max(v[n].mean() for n in neighbours))
 
 
 def top_fraction_mean(values, fraction: float = TOP_FRACTION) -> float:
@@ -210,18 +263,19 @@ def binary_cross_entropy(y_true, prob) -> float:
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))) if len(y) else NAN
 
 
-def group_auc(y_true, prob, groups, how: str = "mean") -> float:
+def group_auc(y_true, prob, groups, how: str = "mean", layout: TileLayout | None = None) -> float:
     """ROC AUC over groups (slides or patients) of their aggregated scores; NaN when undefined."""
-    _, scores, labels = aggregate(prob, y_true, groups, how)
+    _, scores, labels = aggregate(prob, y_true, groups, how, layout)
     return auc(labels, scores)
 
 
-def group_decisions(y_true, prob, groups, threshold: float, how: str = "mean") -> dict[str, float]:
+def group_decisions(y_true, prob, groups, threshold: float, how: str = "mean",
+                    layout: TileLayout | None = None) -> dict[str, float]:
     """The decisions on groups (slides or patients) at ``threshold``: ``accuracy``, ``balanced_accuracy``,
     ``sensitivity``, ``specificity`` of their aggregated scores against their labels, and ``brier``, the mean squared
     difference between score and label. NaN where undefined (no group, a non-finite score; balanced accuracy,
     sensitivity or specificity without a group of the class they need)."""
-    _, scores, labels = aggregate(prob, y_true, groups, how)
+    _, scores, labels = aggregate(prob, y_true, groups, how, layout)
     names = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "brier")
     if len(scores) == 0 or not np.isfinite(scores).all():
         return dict.fromkeys(names, NAN)
@@ -235,7 +289,8 @@ def group_decisions(y_true, prob, groups, threshold: float, how: str = "mean") -
 
 
 def evaluation_metrics(y_true, prob, slide_ids: Sequence[str], patient_ids: Sequence[str],
-                       threshold: float | None = None, loss: float | None = None) -> dict[str, float]:
+                       threshold: float | None = None, loss: float | None = None, how: str = "mean",
+                       layout: TileLayout | None = None) -> dict[str, float]:
     """Tile metrics plus ``val_slide_auc``, ``val_patient_auc``, the decisions per slide and per patient
     (:data:`DECISION_METRICS`, mean tile probability per group) and ``threshold``.
 
@@ -245,10 +300,12 @@ def evaluation_metrics(y_true, prob, slide_ids: Sequence[str], patient_ids: Sequ
     """
     t = choose_threshold(y_true, prob) if threshold is None else float(threshold)
     out = tile_metrics(y_true, prob, t, loss)
-    out.update(val_slide_auc=group_auc(y_true, prob, slide_ids), val_patient_auc=group_auc(y_true, prob, patient_ids),
-               threshold=t)
+    if layout is not None and layout.slides is None:
+        layout = TileLayout(layout.coords, layout.extent, slide_ids)
+    out.update(val_slide_auc=group_auc(y_true, prob, slide_ids, how, layout),
+               val_patient_auc=group_auc(y_true, prob, patient_ids, how, layout), threshold=t)
     for level, groups in (("slide", slide_ids), ("patient", patient_ids)):
-        out.update({f"val_{level}_{k}": v for k, v in group_decisions(y_true, prob, groups, t).items()})
+        out.update({f"val_{level}_{k}": v for k, v in group_decisions(y_true, prob, groups, t, how, layout).items()})
     return {k: float(v) for k, v in out.items()}
 
 

@@ -9,9 +9,13 @@ import numpy as np
 import pytest
 
 from python_task.training.metrics import (
+    AGGREGATIONS,
     DECISION_METRICS,
+    FIXED_THRESHOLD,
     RESULT_METRICS,
+    TileLayout,
     aggregate,
+    aggregate_tiles,
     choose_threshold,
     evaluation_metrics,
     group_auc,
@@ -167,3 +171,46 @@ def test_group_decisions_are_the_calls_a_pathologist_reads():
     assert math.isnan(one_class["balanced_accuracy"]), "undefined without a malignant group"
     assert all(math.isnan(v) for v in group_decisions([], [], [], 0.5).values())
     assert set(DECISION_METRICS) <= set(RESULT_METRICS), "they travel to results.csv and the OpenMOLE table"
+
+
+def _grid(n: int, step: float = 128.0) -> np.ndarray:
+    return np.array([[c * step, r * step] for r in range(n) for c in range(n)])
+
+
+@pytest.mark.parametrize("how", AGGREGATIONS)
+def test_one_isolated_high_tile_does_not_call_a_benign_slide(how):
+    coords = _grid(5)
+    prob = np.full(25, 0.1)
+    prob[12] = 0.99  # the centre tile: one confident false positive among benign neighbours
+    layout = TileLayout(coords, 128.0)
+    assert aggregate_tiles(prob, how, layout) < FIXED_THRESHOLD
+    d = group_decisions(np.zeros(25, int), prob, ["s"] * 25, FIXED_THRESHOLD, how, layout)
+    assert d["accuracy"] == 1.0 and d["specificity"] == 1.0
+
+
+def test_the_default_aggregation_is_a_known_rule_and_a_lesion_of_adjacent_tiles_calls_the_slide():
+    from python_task.training.config import train_options
+
+    assert train_options()["aggregation"].default in AGGREGATIONS
+    coords = _grid(6)
+    prob = np.full(36, 0.1)
+    focus = [0, 1, 6, 7]  # a 2 x 2 focus in a corner: a ninth of the slide
+    prob[focus] = 0.97
+    layout = TileLayout(coords, 128.0)
+    assert aggregate_tiles(prob, "smoothed_max", layout) == pytest.approx(0.97)  # a corner tile's 4 are all focus
+    assert aggregate_tiles(prob, "mean") == pytest.approx((4 * 0.97 + 32 * 0.1) / 36)
+    assert aggregate_tiles(prob, "q90") == pytest.approx(np.quantile(prob, 0.9))
+
+
+def test_smoothed_max_never_mixes_two_slides_of_a_patient():
+    coords = np.vstack([_grid(3), _grid(3)])  # two slides, the same coordinates
+    prob = np.concatenate([np.full(9, 0.1), np.full(9, 0.1)])
+    prob[4] = 0.9  # slide a's centre
+    slides = ["a"] * 9 + ["b"] * 9
+    by_slide = aggregate(prob, np.zeros(18, int), slides, "smoothed_max", TileLayout(coords, 128.0))[1]
+    by_patient = aggregate(prob, np.zeros(18, int), ["p"] * 18, "smoothed_max", TileLayout(coords, 128.0, slides))[1]
+    # a corner tile of slide a sees 4 tiles, the high centre among them: (0.9 + 3 * 0.1) / 4
+    assert by_slide == pytest.approx([0.3, 0.1])
+    assert by_patient == pytest.approx([0.3])  # slide b's tiles are not slide a's neighbours
+    with pytest.raises(ValueError, match="coordinates"):
+        aggregate(prob, np.zeros(18, int), slides, "smoothed_max")
