@@ -28,7 +28,8 @@ from python_task.training.metrics import RESULT_METRICS
 # The train options a plan can set, in the train command's order and the point id's (fold, which always comes from
 # the fold loop, last in the id: the part that varies fastest).
 PLAN_FACTORS = ("fold", "arch", "lr", "batch_size", "epochs", "optimizer", "weight_decay", "dropout", "augment",
-                "stain", "elastic_alpha", "max_train_tiles", "patience", "seed")
+                "stain", "elastic_alpha", "max_train_tiles", "patience", "aggregation", "calibration",
+                "calibration_folds", "seed")
 # train has no default architecture: a plan that sets none trains this one.
 PLAN_DEFAULTS = {"arch": "simple_cnn"}
 # Factors whose train value is a comma-separated list: CSVHook does not quote values, so the plans join the items
@@ -37,7 +38,9 @@ PLUS_JOINED = frozenset({"augment"})
 # How the point's id spells each factor: a prefix before its value ("lr0.001"); a factor not listed is "<key>-".
 ID_PREFIXES = {"arch": "", "lr": "lr", "batch_size": "bs", "epochs": "ep", "optimizer": "", "weight_decay": "wd",
                "dropout": "do", "augment": "aug-", "stain": "stain-", "elastic_alpha": "ea",
-               "max_train_tiles": "mt", "patience": "pa", "seed": "seed", "fold": "fold"}
+               "max_train_tiles": "mt", "patience": "pa", "aggregation": "agg-", "calibration": "cal-",
+               "calibration_folds": "cf",
+               "seed": "seed", "fold": "fold"}
 # Where the image has the data and the output (its mount points), and the switches every point gets.
 COMMAND_HEAD = "python -m python_task train --shards /data/shards --splits /data/splits.json --out /out"
 COMMAND_TAIL = "--no-tensorboard --quiet"

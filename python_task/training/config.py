@@ -22,6 +22,8 @@ from python_task.data.sampling import BALANCE_MODES
 from python_task.errors import ConfigError
 from python_task.settings import Setting, check_settings, setting, settings_of
 from python_task.training.architectures import ARCHITECTURES, INPUT_SCALINGS
+from python_task.training.calibration import CALIBRATIONS
+from python_task.training.metrics import AGGREGATIONS
 from python_task.transforms.augmentations import AUGMENT_ENGINES, AugmentOptions, as_options, parse_augment
 from python_task.transforms.stain import STAIN_METHODS
 
@@ -59,6 +61,19 @@ class TrainConfig:
                                    "pipeline")
     stain: str = setting("none", help="stain normalisation", choices=STAIN_METHODS)
     stain_reference: Path | None = setting(None, help="reference tile (image or .npy) for stain normalisation")
+    aggregation: str = setting("mean", choices=AGGREGATIONS,
+                               help="tiles -> slide and patient score: mean probability, median, q90 = 90th "
+                                    "percentile, top10 = mean of the highest tenth, smoothed_max = highest 3 x 3 "
+                                    "neighbourhood mean; predict and evaluate use the run's")
+    calibration: str = setting("platt", choices=CALIBRATIONS,
+                               help="tile probabilities calibrated on patients the model did not fit on: platt = "
+                                    "Platt scaling (the heat-map's colours mean the same on every slide), none = "
+                                    "the network's own")
+    calibration_folds: int = setting(2, check=(lambda v: v == 0 or v >= 2, "must be 0 or at least 2"),
+                                     help="inner cross-fitting folds over the training patients: their out-of-fold "
+                                          "predictions, with the tuning patients', set the slide threshold (costs "
+                                          "about calibration_folds - 1 more trainings); 0 = the tuning patients "
+                                          "alone")
     seed: int = setting(0, help="random seed")
     weights: Path | None = setting(None, help="pretrained weights from a local file (never downloaded)")
     freeze_backbone: bool = setting(False, help="train only the head")

@@ -21,12 +21,14 @@ run is complete. Progress is logged (``logging``, when ``verbose``) with a tqdm 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -34,6 +36,7 @@ import numpy as np
 from sklearn.utils.class_weight import compute_class_weight
 from tqdm import tqdm
 
+from python_task.data.dataset import ShardBatches, TileIndex
 from python_task.errors import TaskError
 from python_task.fileio import (
     atomic_path,
@@ -45,6 +48,7 @@ from python_task.fileio import (
 )
 from python_task.runtime import accelerator_present, library_versions
 from python_task.training.architectures import ARCHITECTURES, resolve_input_scaling
+from python_task.training.calibration import Calibration, fit_platt
 from python_task.training.checkpoints import (
     CHECKPOINT_DIR,
     TRAIN_WRAPPER,
@@ -58,9 +62,10 @@ from python_task.training.checkpoints import (
     save_model_atomic,
 )
 from python_task.training.config import TrainConfig, comparable_settings
-from python_task.training.inputs import STAIN_FILE, RunData, prepare_data
+from python_task.training.inputs import STAIN_FILE, VAL_BATCH_MIN, RunData, prepare_data
 from python_task.training.metrics import (
     FIXED_THRESHOLD,
+    TileLayout,
     aggregate,
     auc,
     binary_cross_entropy,
@@ -68,7 +73,7 @@ from python_task.training.metrics import (
     evaluation_metrics,
 )
 from python_task.training.models import build_model, count_params, unfreeze_backbone
-from python_task.training.scoring import predict_index, write_predictions
+from python_task.training.scoring import predict_index, tile_layout, write_predictions
 from python_task.transforms.augment_layers import build_augmenter
 from python_task.transforms.augmentations import resolve_engine
 
@@ -178,12 +183,11 @@ def input_scaling(cfg: TrainConfig) -> str:
 
 
 def selection_rule(cfg: TrainConfig, data: RunData) -> str:
-    """How the epoch and the threshold are chosen, in words (``config.json``)."""
+    """How the epoch is chosen, in words (``config.json``; ``threshold_rule`` says how the threshold is)."""
     if data.tune_index is not None:
         return (f"tuning set ({len(set(data.tune_index.patient_ids))} patients): the epoch with the highest tuning "
-                f"tile AUC{f', early stopping after {cfg.patience} epochs without a gain' if cfg.patience else ''}; "
-                "the threshold from the tuning slides' mean probabilities")
-    return f"fixed (no tuning set): the last of {cfg.epochs} epochs, threshold {FIXED_THRESHOLD}"
+                f"tile AUC{f', early stopping after {cfg.patience} epochs without a gain' if cfg.patience else ''}")
+    return f"fixed (no tuning set): the last of {cfg.epochs} epochs"
 
 
 def warn_fixed_rule(cfg: TrainConfig, data: RunData) -> None:
@@ -192,9 +196,10 @@ def warn_fixed_rule(cfg: TrainConfig, data: RunData) -> None:
         return
     why = ("the split predates tuning sets (format_version 1): run split again to get them"
            if data.fold is not None and data.fold.format_version < 2 else "too few training patients for one")
-    log.warning("fold %d has no tuning set (%s): the model is the last of `epochs` %d epochs (no early stopping) "
-                "and the threshold %s; metrics.json records selection_tuned 0", cfg.fold, why, cfg.epochs,
-                FIXED_THRESHOLD)
+    threshold = (f"the calibration and threshold from {cfg.calibration_folds}-fold cross-fitting over the training "
+                 "patients" if cfg.calibration_folds else f"the threshold {FIXED_THRESHOLD}, uncalibrated")
+    log.warning("fold %d has no tuning set (%s): the model is the last of `epochs` %d epochs (no early stopping), "
+                "%s; metrics.json records selection_tuned 0", cfg.fold, why, cfg.epochs, threshold)
 
 
 def make_optimizer(cfg: TrainConfig, lr: float):
@@ -337,23 +342,31 @@ def finish_run(cfg: TrainConfig, data: RunData, state: RunState, policy: str, t_
                engine: str) -> dict[str, float]:
     best = load_model(cfg.out / CHECKPOINT_DIR / "best.keras", compile=False)
     tuned = data.tune_index is not None
-    threshold, tune_auc = FIXED_THRESHOLD, math.nan
+    tune_auc = math.nan
+    tune_prob = None
     if tuned:
         saved_prob = cfg.out / CHECKPOINT_DIR / f"tune_prob_epoch{state.best_epoch}.npy"
         tune_prob = np.load(saved_prob) if saved_prob.exists() else predict_index(best, data.tune_batches)
         if len(tune_prob) != len(data.tune_index):
             tune_prob = predict_index(best, data.tune_batches)
-        threshold = choose_slide_threshold(data.tune_index.labels, tune_prob, data.tune_index.slide_ids)
         tune_auc = auc(data.tune_index.labels, tune_prob)
-    prob = predict_index(best, data.val_batches)  # the held-out fold, once, with the chosen model and threshold
+    t_cal = time.perf_counter()
+    decision = fit_decision(cfg, calibration_tiles(cfg, data, state, engine, tune_prob), tuned)
+    calibration, threshold = decision.calibration, decision.threshold
+    calibration_seconds = time.perf_counter() - t_cal
+    # the held-out fold, once, with the chosen model, calibration, aggregation and threshold
+    prob = calibration.apply(predict_index(best, data.val_batches))
     y = data.val_index.labels
     metrics = evaluation_metrics(y, prob, data.val_index.slide_ids, data.val_index.patient_ids, threshold=threshold,
-                                 loss=binary_cross_entropy(y, prob))
+                                 loss=binary_cross_entropy(y, prob), how=cfg.aggregation,
+                                 layout=tile_layout(data.val_index))
     metrics.update(train_seconds=float(state.train_seconds), epochs_run=float(state.epoch),
                    best_epoch=float(state.best_epoch), n_train_tiles=float(len(data.train_index)),
                    n_val_tiles=float(len(data.val_index)), n_params=float(count_params(best)),
                    wall_seconds=float(time.perf_counter() - t_start), tune_auc=float(tune_auc),
-                   selection_tuned=float(tuned),
+                   selection_tuned=float(tuned), calibration_seconds=float(calibration_seconds),
+                   n_calibration_patients=float(len(set(decision.tiles.patients.tolist())) if decision.tiles
+                                                else 0),
                    n_tune_tiles=float(len(data.tune_index)) if tuned else 0.0,
                    **group_counts(data))
     if data.normalizer is not None:
@@ -377,14 +390,170 @@ def finish_run(cfg: TrainConfig, data: RunData, state: RunState, policy: str, t_
         "tune_class_counts": data.tune_index.class_counts() if tuned else {},
         "selection": selection_rule(cfg, data), "best_epoch": state.best_epoch,
         "manifest_digest": data.manifest_digest, "threshold": metrics["threshold"],
-        "threshold_rule": ("chosen on the tuning slides (mean tile probability per slide, Youden's J, half-way "
-                           "between neighbouring slide scores)" if tuned else f"fixed at {FIXED_THRESHOLD}"),
+        "aggregation": cfg.aggregation, "calibration": calibration.to_json(),
+        "calibration_patients": sorted(set(decision.tiles.patients.tolist())) if decision.tiles else [],
+        "threshold_rule": threshold_rule(cfg, decision, tuned),
         "stain_file": STAIN_FILE if data.normalizer is not None else None,
         "stopped_early": state.stopped_early,
         "augment_on": engine if cfg.augmentations else None}, "versions": library_versions()}
     write_json_atomic(cfg.out / "config.json", config)
     write_json_atomic(cfg.out / "metrics.json", metrics)  # last: its presence means the run is complete
     return metrics
+
+
+# --------------------------------------------------------------------------------------------- calibration
+
+@dataclass(frozen=True)
+class HeldOutTiles:
+    """One model's predictions for tiles of patients it did not fit on: the tuning patients by the run's model, or
+    an inner fold's patients by the inner model fitted without them."""
+
+    labels: np.ndarray
+    prob: np.ndarray
+    slides: np.ndarray
+    patients: np.ndarray
+    layout: TileLayout
+
+    @classmethod
+    def of(cls, index: TileIndex, prob: np.ndarray) -> HeldOutTiles:
+        return cls(index.labels, np.asarray(prob, np.float64), index.slide_ids, index.patient_ids, tile_layout(index))
+
+    @classmethod
+    def join(cls, parts: list[HeldOutTiles]) -> HeldOutTiles:
+        return cls(*(np.concatenate([getattr(p, k) for p in parts]) for k in ("labels", "prob", "slides", "patients")),
+                   TileLayout(*(np.concatenate([getattr(p.layout, k) for p in parts])
+                                for k in ("coords", "extent", "slides"))))
+
+    def calibrated(self, calibration: Calibration) -> HeldOutTiles:
+        return dataclasses.replace(self, prob=calibration.apply(self.prob))
+
+
+@dataclass(frozen=True)
+class Decision:
+    """How the run turns tile probabilities into a call: the calibration of its model's probabilities, the slide
+    threshold on their aggregate, and the held-out tiles behind both (None: the fixed rule)."""
+
+    calibration: Calibration
+    threshold: float
+    tiles: HeldOutTiles | None  # every model's calibrated predictions pooled: what the threshold was chosen on
+    n_models: int = 0
+
+
+def calibration_tiles(cfg: TrainConfig, data: RunData, state: RunState, engine: str,
+                      tune_prob: np.ndarray | None) -> list[HeldOutTiles]:
+    """The tuning patients as the run's model predicts them (first, when there is a tuning set), then
+    (``calibration_folds`` >= 2) every training patient as predicted by an inner model fitted without it."""
+    parts = [HeldOutTiles.of(data.tune_index, tune_prob)] if data.tune_index is not None and tune_prob is not None \
+        else []
+    if cfg.calibration_folds:
+        parts += [HeldOutTiles.of(index, prob) for index, prob in cross_fitted_predictions(cfg, data, state, engine)]
+    return parts
+
+
+def fit_decision(cfg: TrainConfig, parts: list[HeldOutTiles], tuned: bool) -> Decision:
+    """Each model's probabilities calibrated by a Platt scaling fitted on its own held-out tiles (models differ in
+    scale: an inner model fitted on fewer patients is less sure of itself), so that all of them speak one scale;
+    the slide threshold chosen on every model's calibrated slides pooled (:func:`choose_slide_threshold` with the
+    run's aggregation); the run's model keeps the calibration fitted on its tuning patients, or without a tuning
+    set the one fitted on the inner models' tiles pooled. The identity and 0.5 without held-out tiles."""
+    if not parts:
+        return Decision(Calibration(), FIXED_THRESHOLD, None)
+
+    def platt(p: HeldOutTiles) -> Calibration:
+        if cfg.calibration == "platt":
+            return fit_platt(p.labels, p.prob, p.patients)
+        return Calibration(n_tiles=len(p.labels), n_patients=len(set(p.patients.tolist())))
+
+    pooled = HeldOutTiles.join([p.calibrated(platt(p)) for p in parts])
+    threshold = choose_slide_threshold(pooled.labels, pooled.prob, pooled.slides, cfg.aggregation, pooled.layout)
+    own = platt(parts[0]) if tuned else platt(HeldOutTiles.join(parts))
+    return Decision(own, threshold, pooled, len(parts))
+
+
+def threshold_rule(cfg: TrainConfig, decision: Decision, tuned: bool) -> str:
+    tiles = decision.tiles
+    if tiles is None:
+        return f"fixed at {FIXED_THRESHOLD}, uncalibrated probabilities (no tuning set, no cross-fitting)"
+    sources = ("the tuning patients by this model" if tuned else "") + (
+        f"{' and ' if tuned else ''}the training patients by {cfg.calibration_folds} inner cross-fitted models"
+        if cfg.calibration_folds else "")
+    return (f"chosen on {len(set(tiles.slides.tolist()))} slides of {len(set(tiles.patients.tolist()))} patients, "
+            f"each predicted by a model that did not fit on it ({sources}); each model's tile probabilities "
+            f"{'Platt-scaled on its own held-out tiles' if cfg.calibration == 'platt' else 'uncalibrated'}; slides "
+            f"scored by {cfg.aggregation}; the cut of highest Youden's J half-way between neighbouring slide scores "
+            "(the one nearest 0.5 among equals)")
+
+
+def inner_folds(index: TileIndex, k: int, seed: int) -> list[np.ndarray]:
+    """The training patients in ``k`` folds, each diagnosis dealt round-robin in a seeded order (so every inner
+    training set keeps both classes where it can); tile positions per fold, empty folds left out."""
+    ids, inverse = np.unique(index.patient_ids, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    diagnosis = np.zeros(len(ids), np.int64)
+    np.maximum.at(diagnosis, inverse, index.labels)
+    rng = np.random.default_rng([seed, 0xC0F])
+    fold_of = np.zeros(len(ids), np.int64)
+    start = 0
+    for d in (1, 0):
+        members = rng.permutation(np.flatnonzero(diagnosis == d))
+        fold_of[members] = (np.arange(len(members)) + start) % k
+        start += len(members)
+    folds = [np.flatnonzero(fold_of[inverse] == j) for j in range(k)]
+    return [f for f in folds if len(f)]
+
+
+def cross_fitted_predictions(cfg: TrainConfig, data: RunData, state: RunState,
+                             engine: str) -> list[tuple[TileIndex, np.ndarray]]:
+    """Out-of-fold predictions of every training patient: ``calibration_folds`` inner models, each fitted like the
+    run (its settings, ``best_epoch`` epochs, no selection) on the other training patients. Each fold's
+    predictions are saved in the checkpoint folder, so a resumed run does not fit it again. An inner training set
+    of one class is skipped (its patients are left out of the calibration)."""
+    index = data.train_index
+    out = []
+    for j, positions in enumerate(inner_folds(index, cfg.calibration_folds, cfg.seed)):
+        held, rest = index.take(positions), index.take(np.setdiff1d(np.arange(len(index)), positions))
+        if len(np.unique(rest.labels)) < 2:
+            log.warning("calibration fold %d: its training patients are of one class; its %d patients are left out "
+                        "of the calibration", j + 1, len(set(held.patient_ids)))
+            continue
+        saved = cfg.out / CHECKPOINT_DIR / f"crossfit_{j}.npy"
+        if saved.exists() and len(prob := np.load(saved)) == len(held):
+            out.append((held, prob))
+            continue
+        if cfg.verbose:
+            log.info("calibration fold %d/%d: fitting on %d patients, predicting %d", j + 1, cfg.calibration_folds,
+                     len(set(rest.patient_ids)), len(set(held.patient_ids)))
+        model = fit_inner_model(cfg, data, rest, max(1, state.best_epoch), cfg.seed + 1000 * (j + 1), engine)
+        prob = predict_index(model, ShardBatches(held, max(cfg.batch_size, VAL_BATCH_MIN), shuffle=False,
+                                                 seed=cfg.seed, transform=data.val_batches.transform,
+                                                 workers=cfg.workers, dtype=None))
+        with atomic_path(saved) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, prob)
+        out.append((held, prob))
+    return out
+
+
+def fit_inner_model(cfg: TrainConfig, data: RunData, index: TileIndex, epochs: int, seed: int, engine: str):
+    """A model fitted on ``index`` as the run fits its own (architecture, optimiser, augmentation, stain,
+    balancing, class weights, unfreezing), for ``epochs`` epochs from ``seed``."""
+    keras.utils.set_random_seed(seed)
+    model, train_model = build_training_model(cfg, index.tile_size, engine)
+    compile_model(train_model, cfg, cfg.lr)
+    batches = ShardBatches(index, cfg.batch_size, shuffle=True, balance=cfg.balance, seed=seed,
+                           transform=data.train_batches.transform, workers=cfg.workers, dtype=None)
+    class_weight = _class_weight(index.labels) if cfg.class_weights else None
+    for epoch in range(epochs):
+        if cfg.unfreeze_at and epoch == cfg.unfreeze_at and cfg.freeze_backbone:
+            unfreeze_backbone(model, keep_batchnorm_frozen=True)
+            compile_model(train_model, cfg, cfg.lr * FINE_TUNE_LR_FACTOR)
+        batches.set_epoch(epoch)
+        try:
+            train_model.fit(batches, epochs=1, verbose=0, class_weight=class_weight, shuffle=False)
+        except Exception:
+            if batches.error is not None:
+                raise batches.error from None
+            raise
+    return model
 
 
 def group_counts(data: RunData) -> dict[str, float]:

@@ -8,6 +8,7 @@ import numpy as np
 
 from python_task.data.dataset import ShardBatches, TileIndex, iterate_batches
 from python_task.fileio import write_csv_atomic
+from python_task.training.metrics import TileLayout
 
 PREDICTION_COLUMNS = ["slide_id", "patient_id", "x", "y", "label", "prob"]
 
@@ -33,3 +34,10 @@ def write_predictions(path: str | os.PathLike[str], index: TileIndex, prob: np.n
     rows = [{"slide_id": s, "patient_id": p, "x": int(c[0]), "y": int(c[1]), "label": int(y), "prob": float(q)}
             for s, p, c, y, q in zip(index.slide_ids, index.patient_ids, index.coords, index.labels, prob)]
     write_csv_atomic(path, rows, fieldnames=PREDICTION_COLUMNS)
+
+
+def tile_layout(index: TileIndex) -> TileLayout:
+    """Where the tiles of ``index`` lie on their slides (level-0 corners and sides), for the ``smoothed_max``
+    aggregation."""
+    extent = np.array([s.tile_size * s.downsample for s in index.shards], dtype=np.float64)
+    return TileLayout(index.coords, extent[index.shard] if len(index) else np.empty(0), index.slide_ids)

@@ -295,7 +295,8 @@ def test_the_parse_task_reads_real_and_broken_metrics(common_parse_code, tmp_pat
     out.mkdir()
     context = {"outDir": out, "exitCode": 0, "arch": "simple_cnn", "lr": 1e-4, "batch_size": 32, "epochs": 1,
                "optimizer": "adam", "weight_decay": 0.0, "dropout": 0.3, "augment": "flip+rot90", "stain": "none",
-               "elastic_alpha": 8.0, "max_train_tiles": 0, "patience": 5, "seed": 0, "fold": 1}
+               "elastic_alpha": 8.0, "max_train_tiles": 0, "patience": 5, "aggregation": "mean",
+               "calibration": "platt", "calibration_folds": 3, "seed": 0, "fold": 1}
     missing = ports.parse_metrics(common_parse_code, context, scala_str)
     assert missing["status"] == "failed" and math.isnan(missing["val_auc"])
     assert missing["error"] == "train exited 0 but wrote no metrics.json"
@@ -309,7 +310,7 @@ def test_the_parse_task_reads_real_and_broken_metrics(common_parse_code, tmp_pat
     assert math.isnan(got["val_accuracy"]) and math.isnan(got["val_patient_auc"]), "unreadable or missing: NaN"
     assert got["status"] == "ok" and got["error"] == ""
     assert got["point_id"] == ("simple_cnn_lr1.0E-4_bs32_ep1_adam_wd0.0_do0.3_aug-flip+rot90_stain-none_ea8.0_mt0_"
-                               "pa5_seed0_fold1") and got["out_dir"] == "runs/" + got["point_id"]
+                               "pa5_agg-mean_cal-platt_cf3_seed0_fold1") and got["out_dir"] == "runs/" + got["point_id"]
     assert ports.parse_metrics(common_parse_code, {**context, "exitCode": -1}, scala_str)["status"] == "failed"
 
 

@@ -240,7 +240,14 @@ def test_epoch_and_threshold_do_not_change_when_only_held_out_labels_change(tune
     assert [(r["tune_loss"], r["tune_auc"]) for r in history[0]] == [(r["tune_loss"], r["tune_auc"])
                                                                      for r in history[1]]
     preds = [[r["prob"] for r in csv.DictReader(open(tmp_path / run / "predictions.csv"))] for run in ("a", "b")]
-    assert preds[0] == preds[1]  # the same chosen model
+    assert preds[0] == preds[1]  # the same chosen model and calibration
+    resolved = [json.loads((tmp_path / run / "config.json").read_text())["resolved"] for run in ("a", "b")]
+    assert resolved[0]["calibration"] == resolved[1]["calibration"]
+    assert resolved[0]["calibration"]["n_patients"] == len(resolved[0]["tune_patients"])  # the model's own map
+    # the threshold: the tuning patients and the cross-fitted training patients, never a held-out one
+    assert resolved[0]["calibration_patients"] == sorted(resolved[0]["train_patients"] + resolved[0]["tune_patients"])
+    assert resolved[0]["calibration_patients"] == resolved[1]["calibration_patients"]
+    assert not set(resolved[0]["calibration_patients"]) & set(resolved[0]["val_patients"])
 
 
 def test_config_lists_the_patients_of_each_role(tuned_split, tmp_path):
@@ -259,12 +266,26 @@ def test_without_a_tuning_set_the_fixed_rule_applies_and_is_recorded(learn_data,
     splits = json.loads(learn_data[1].read_text())
     assert not splits["folds"][0]["tune_patients"]  # 10 patients in 2 folds: too few to spare a tuning set
     with caplog.at_level("WARNING", logger="python_task"):
-        metrics = train(_cfg(learn_data, tmp_path / "run", epochs=2, patience=1))
+        metrics = train(_cfg(learn_data, tmp_path / "run", epochs=2, patience=1, calibration_folds=0))
     lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(lines) == 1 and "no tuning set" in lines[0] and "threshold 0.5" in lines[0], lines
     assert metrics["selection_tuned"] == 0.0 and metrics["best_epoch"] == metrics["epochs_run"] == 2
     assert metrics["threshold"] == FIXED_THRESHOLD and math.isnan(metrics["tune_auc"])
-    assert metrics["n_tune_patients"] == 0.0
+    assert metrics["n_tune_patients"] == 0.0 and metrics["n_calibration_patients"] == 0.0
+    resolved = json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]
+    assert resolved["calibration"]["method"] == "none" and resolved["calibration_patients"] == []
+
+
+def test_without_a_tuning_set_cross_fitting_calibrates_on_every_training_patient(learn_data, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="python_task"):
+        metrics = train(_cfg(learn_data, tmp_path / "run", epochs=1, max_train_tiles=0, calibration_folds=2))
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(lines) == 1 and "2-fold cross-fitting" in lines[0], lines
+    resolved = json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]
+    assert resolved["calibration_patients"] == resolved["train_patients"]
+    assert metrics["n_calibration_patients"] == len(resolved["train_patients"])
+    assert not set(resolved["calibration_patients"]) & set(resolved["val_patients"])
+    assert resolved["threshold"] == metrics["threshold"] and "inner cross-fitted models" in resolved["threshold_rule"]
 
 
 def test_a_format_1_split_trains_under_the_fixed_rule(learn_data, tmp_path, caplog):
