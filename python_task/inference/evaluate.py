@@ -38,7 +38,7 @@ from python_task.fileio import (
 from python_task.inference.predict import load_bundle
 from python_task.shards.manifest import read_manifest
 from python_task.training.metrics import aggregate, bootstrap_interval, evaluation_metrics
-from python_task.training.scoring import predict_index, write_predictions
+from python_task.training.scoring import predict_index, tile_layout, write_predictions
 from python_task.transforms.stain import StainTransform
 
 METRICS_NAME = "test_metrics.json"
@@ -118,10 +118,11 @@ def _score(model_path: Path, shards: Path, test_slides: list[str], out: Path, re
                         f"{index.tile_size}-px tiles")
     transform = StainTransform(bundle.normalizer) if bundle.normalizer is not None else None
     batches = ShardBatches(index, batch_size, shuffle=False, seed=0, transform=transform, workers=workers, dtype=None)
-    prob = predict_index(bundle.model, batches)
+    prob = bundle.calibration.apply(predict_index(bundle.model, batches))
     y = index.labels
     metrics = {k.replace("val_", "test_", 1): v for k, v in evaluation_metrics(
-        y, prob, index.slide_ids, index.patient_ids, threshold=bundle.threshold).items()}
+        y, prob, index.slide_ids, index.patient_ids, threshold=bundle.threshold, how=bundle.aggregation,
+        layout=tile_layout(index)).items()}
     for level, ids in (("patients", index.patient_ids), ("slides", index.slide_ids)):
         labels = aggregate(prob, y, ids)[2]
         metrics.update({f"n_test_{level}": float(len(labels)), f"n_test_{level}_pos": float(labels.sum()),

@@ -40,8 +40,9 @@ from python_task.fileio import (
 )
 from python_task.inference.heatmap import draw_heatmap, format_probability
 from python_task.shards.params import ExtractParams
+from python_task.training.calibration import Calibration
 from python_task.training.checkpoints import load_model
-from python_task.training.metrics import top_fraction_mean
+from python_task.training.metrics import AGGREGATIONS, TileLayout, aggregate_tiles
 from python_task.training.scoring import predict_padded
 from python_task.transforms.stain import normalizer_from_dict
 from python_task.wsi.annotations import Region, place_regions, read_annotations
@@ -67,6 +68,8 @@ class ModelBundle:
     label_names: tuple[str, ...]
     normalizer: Any
     source: Path
+    aggregation: str = "mean"  # tiles -> slide score, the run's (config.json), mean for a run that recorded none
+    calibration: Calibration = Calibration()  # the run's calibration of tile probabilities (identity when none)
 
 
 def load_bundle(model_path: str | os.PathLike[str]) -> ModelBundle:
@@ -88,6 +91,14 @@ def load_bundle(model_path: str | os.PathLike[str]) -> ModelBundle:
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise TaskError(config_path, f"not a train config.json ({exc})") from None
     threshold = _training_threshold(path.parent, resolved)
+    aggregation = str(resolved.get("aggregation", config.get("aggregation", "mean")))
+    if aggregation not in AGGREGATIONS:
+        raise TaskError(config_path, f"unknown aggregation {aggregation!r}; this version knows "
+                        f"{', '.join(AGGREGATIONS)}")
+    try:
+        calibration = Calibration.from_json(resolved.get("calibration"))
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise TaskError(config_path, f"unreadable calibration ({exc})") from None
     normalizer = None
     if resolved.get("stain_file"):
         normalizer = normalizer_from_dict(json.loads((path.parent / resolved["stain_file"]).read_text()))
@@ -97,7 +108,7 @@ def load_bundle(model_path: str | os.PathLike[str]) -> ModelBundle:
         raise TaskError(path, f"cannot load the model ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") \
             from None
     return ModelBundle(model, tile_size, mpp, threshold, tuple(resolved.get("label_names", DEFAULT_CLASSES)),
-                       normalizer, path)
+                       normalizer, path, aggregation, calibration)
 
 
 def _training_threshold(folder: Path, resolved: dict[str, Any]) -> float:
@@ -154,14 +165,15 @@ def _batches(reader: TileReader, coords: np.ndarray, batch_size: int, normalizer
 
 def score_tiles(bundle: ModelBundle, reader: TileReader, coords: np.ndarray, *, batch_size: int = 64,
                 progress: bool = True) -> np.ndarray:
-    """Probabilities for the tiles at ``coords``, read and normalised in a background thread."""
+    """Calibrated probabilities (the run's calibration) for the tiles at ``coords``, read and normalised in a
+    background thread."""
     probs = np.empty(len(coords), np.float32)
     bar = tqdm(total=len(coords), unit="tile", desc="predict", disable=None if progress else True, file=sys.stderr)
     for start, batch in _batches(reader, coords, batch_size, bundle.normalizer):
         probs[start:start + len(batch)] = predict_padded(bundle.model, batch.astype(np.float32), batch_size)
         bar.update(len(batch))
     bar.close()
-    return probs
+    return bundle.calibration.apply(probs).astype(np.float32)
 
 
 def probability_grid(plan: GridPlan, probs: np.ndarray) -> np.ndarray:
@@ -203,10 +215,10 @@ def _packed_rgb(rgb: Sequence[int]) -> int:
 def slide_summary(plan: GridPlan, probs: np.ndarray, bundle: ModelBundle, slide: Slide, reader: TileReader,
                   regions: Sequence[Region] | None) -> dict[str, Any]:
     threshold = bundle.threshold
-    score = float(np.mean(probs)) if len(probs) else float("nan")
+    score = aggregate_tiles(probs, bundle.aggregation, TileLayout(plan.coords, plan.extent))
     summary: dict[str, Any] = {
         "slide_path": str(slide.path), "model": str(bundle.source), "slide_score": score,
-        "slide_score_top10": top_fraction_mean(probs),
+        "aggregation": bundle.aggregation, "calibration": bundle.calibration.method,
         "fraction_malignant_tiles": float(np.mean(probs >= threshold)) if len(probs) else float("nan"),
         "threshold": threshold,
         "predicted_diagnosis": (bundle.label_names[-1] if score >= threshold else bundle.label_names[0])

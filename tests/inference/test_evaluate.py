@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import subprocess
@@ -14,6 +15,7 @@ from python_task.errors import TaskError
 from python_task.inference.evaluate import evaluate_model
 from python_task.training.config import TrainConfig
 from python_task.training.loop import train
+from python_task.training.metrics import evaluation_metrics
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +29,8 @@ def test_split(learn_data, tmp_path_factory):
     write_splits(splits, root / "splits.json")
     run = root / "run"
     train(TrainConfig(shards=shards, splits=root / "splits.json", fold=0, arch="simple_cnn", out=run, epochs=1,
-                      batch_size=16, max_train_tiles=96, max_val_tiles=96, verbose=False, tensorboard=False))
+                      batch_size=16, max_train_tiles=96, max_val_tiles=96, verbose=False, tensorboard=False,
+                      aggregation="q90", calibration_folds=2))
     return shards, root / "splits.json", run, splits
 
 
@@ -44,6 +47,15 @@ def test_scores_the_test_patients_once_with_the_runs_threshold(test_split, tmp_p
         assert 0 <= low <= high <= 1 or (math.isnan(low) and math.isnan(high))
     patients = {line.split(",")[1] for line in (tmp_path / "eval" / "test_predictions.csv").read_text().splitlines()[1:]}
     assert patients == set(data["test_patients"])
+    # the decisions are the run's: its aggregation over its calibrated probabilities, at its threshold
+    resolved = json.loads((run / "config.json").read_text())["resolved"]
+    assert resolved["aggregation"] == "q90" and resolved["calibration"]["method"] == "platt"
+    rows = list(csv.DictReader(open(tmp_path / "eval" / "test_predictions.csv")))
+    y, prob = [int(r["label"]) for r in rows], [float(r["prob"]) for r in rows]
+    again = evaluation_metrics(y, prob, [r["slide_id"] for r in rows], [r["patient_id"] for r in rows],
+                               threshold=threshold, how="q90")
+    for key in ("slide_accuracy", "slide_brier", "patient_accuracy", "slide_auc"):
+        assert m[f"test_{key}"] == pytest.approx(again[f"val_{key}"], nan_ok=True), key
     assert evaluate_model(run, shards, splits, tmp_path / "eval") == pytest.approx(m, nan_ok=True)  # not again
 
 

@@ -12,6 +12,9 @@ import pytest
 
 from python_task.errors import TaskError
 from python_task.inference.predict import PROBABILITY_KEY, predict_slide
+from python_task.training.calibration import Calibration
+from python_task.training.config import train_options
+from python_task.training.metrics import TileLayout, aggregate_tiles
 from python_task.wsi.annotations import read_annotations
 from python_task.wsi.cohort import read_cohort
 from tests.test_fileio import strict_loads
@@ -142,6 +145,43 @@ def test_malignant_regions_score_higher_than_benign(predicted):
     assert roc_auc_score(labels, means) > 0.8
     malignant = np.mean([m for m, y in zip(means, labels) if y])
     assert malignant > np.mean([m for m, y in zip(means, labels) if not y])
+
+
+def _grid_layout(out) -> tuple[np.ndarray, TileLayout]:
+    """The scored tiles of a predict output folder: probabilities and where they lie (from slide.json's grid)."""
+    grid = np.load(out / "probabilities.npy")
+    geometry = json.loads((out / "slide.json").read_text())["grid"]
+    rows, cols = np.nonzero(np.isfinite(grid))
+    coords = np.stack([cols * geometry["step"], rows * geometry["step"]], 1)
+    return grid[rows, cols].astype(np.float64), TileLayout(coords, geometry["tile_extent"])
+
+
+def test_the_slide_call_uses_the_runs_aggregation_and_calibration(trained_model, val_jobs, predicted, tmp_path):
+    """predict applies the calibration and the aggregation its run recorded: the same run re-labelled as
+    uncalibrated with smoothed_max gives the raw probabilities and their smoothed maximum as the slide score."""
+    import shutil
+
+    config = json.loads((trained_model / "config.json").read_text())
+    calibration = Calibration.from_json(config["resolved"]["calibration"])
+    assert config["aggregation"] == config["resolved"]["aggregation"] == train_options()["aggregation"].default
+    assert calibration.method == "platt"  # the run calibrated: the test below compares two different maps
+    copy = tmp_path / "relabelled"
+    shutil.copytree(trained_model, copy)
+    config["resolved"].update(aggregation="smoothed_max", calibration=Calibration().to_json())
+    (copy / "config.json").write_text(json.dumps(config))
+    job = val_jobs[0]
+    raw_summary = predict_slide(copy, job.slide_path, tmp_path / "raw", annotations=job.annotation_path,
+                                progress=False)
+    raw, layout = _grid_layout(tmp_path / "raw")
+    calibrated, _ = _grid_layout(predicted[job.slide_id][2])
+    assert calibrated == pytest.approx(calibration.apply(raw), abs=1e-5)
+    assert raw_summary["aggregation"] == "smoothed_max" and raw_summary["calibration"] == "none"
+    assert raw_summary["slide_score"] == pytest.approx(aggregate_tiles(raw, "smoothed_max", layout), abs=1e-6)
+    summary = predicted[job.slide_id][1]
+    assert summary["slide_score"] == pytest.approx(aggregate_tiles(calibrated, config["aggregation"], layout),
+                                                   abs=1e-6)
+    called = "malignant" if summary["slide_score"] >= summary["threshold"] else "benign"
+    assert summary["predicted_diagnosis"] == called
 
 
 def test_whole_slide_scores_every_tissue_tile(trained_model, val_jobs, predicted, tmp_path):
