@@ -5,8 +5,9 @@ validates on 2 malignant and 2 benign patients and tunes on 1 + 1 of its trainin
 architectures x 2 stain choices x 3 folds, ``train``'s defaults otherwise) -> report -> predict: the best
 configuration of the report (highest mean patient AUC, ties by tile AUC) drawn on two slides that its model never
 saw: a malignant and a benign slide of the held-out patients of one of its folds (a malignant slide that also has
-a benign region when there is one), with that fold's model. The log says, per heat-map slide, the mean probability
-of its malignant and of its benign regions. Every stage is resumable, so a re-run after an interruption continues
+a benign region when there is one), with that fold's model. The log says how many held-out slides and patients
+of that fold the model called right and, per heat-map slide, the mean probability of its malignant and of its
+benign regions and the call. Every stage is resumable, so a re-run after an interruption continues
 where it stopped.
 """
 
@@ -110,6 +111,7 @@ def run_demo(out_dir: str | os.PathLike[str], cfg: DemoConfig | None = None) -> 
     choice = heatmap_choice(sweep.results_csv, cohort_csv, splits)
     if choice is not None:
         point, jobs = choice
+        log.info("%s", held_out_line(point))
         for job in jobs:
             target = out / "heatmaps" / job.slide_id
             if not (target / "slide.json").exists():
@@ -159,6 +161,18 @@ def heatmap_choice(results_csv: Path, cohort_csv: Path, splits: Path) -> tuple[d
 def _has_benign_region(job: SlideJob) -> bool:
     features = json.loads(Path(job.annotation_path).read_text())["features"]
     return any(f["properties"]["classification"]["name"] != MALIGNANT_CLASS for f in features)
+
+
+def held_out_line(point: dict) -> str:
+    """How many held-out slides (and patients) of the drawn fold its model called right, from the point's
+    metrics (the run's aggregation, calibration and threshold)."""
+    parts = []
+    for level in ("slide", "patient"):
+        n, accuracy = float(point.get(f"n_val_{level}s", math.nan)), float(point.get(f"val_{level}_accuracy", math.nan))
+        if math.isfinite(n) and math.isfinite(accuracy):
+            parts.append(f"{round(accuracy * n)} of {int(n)} held-out {level}s")
+    called = " and ".join(parts) if parts else "no decision metrics recorded"
+    return f"fold {point['fold']} of the best configuration: {called} called right"
 
 
 def heatmap_line(job: SlideJob, point: dict, summary: dict) -> str:

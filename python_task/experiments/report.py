@@ -36,7 +36,9 @@ The HTML is a single static page (inline CSS, no JavaScript) with ``<img>`` link
 column), ``factor_<name>.png`` (mean ± std of the ranking metric per level of each factor that varies,
 marginalised over the other factors) and ``roc_best.png`` (tile- and patient-level ROC curves of the best
 configuration, one curve per fold, from each point's ``predictions.csv`` when present; a patient's score is the
-mean probability of its tiles and its label the highest label of its tiles).
+mean probability of its tiles and its label the highest label of its tiles) and ``reliability_best.png`` (the
+best configuration's validation tiles pooled: observed fraction malignant against predicted probability, with the
+Brier score).
 """
 
 from __future__ import annotations
@@ -654,6 +656,54 @@ def plot_roc(an: Analysis, config: tuple[Any, ...], base: Path, path: Path) -> t
     return _save(fig, path), notes
 
 
+RELIABILITY_BINS = 10
+
+
+def plot_reliability(an: Analysis, config: tuple[Any, ...], base: Path, path: Path) -> tuple[Path | None, str]:
+    """Reliability diagram of one configuration: its validation tiles of every fold pooled (each predicted by its
+    fold's model, calibrated as the run calibrated them), the observed fraction of malignant tiles against the
+    mean predicted probability in ten equal-width bins (scikit-learn ``calibration_curve``), the tiles per bin
+    beneath; the sentence under the figure gives the Brier score. None when no ``predictions.csv`` is found."""
+    from sklearn.calibration import calibration_curve
+
+    labels, probs = [], []
+    for p in (x for x in an.groups.get(config, []) if not x.failed):
+        out_value = next((str(p.row[k]) for k in ("out_dir", "outDir", "outdir") if p.row.get(k)), "")
+        folder = _resolve_out_dir(out_value, base)
+        if folder is None:
+            continue
+        try:
+            y, q, _ = read_predictions(folder / "predictions.csv")
+        except (OSError, ValueError, csv.Error):
+            continue
+        labels.append(y.astype(int))
+        probs.append(np.clip(q, 0.0, 1.0))
+    if not labels or not len(np.concatenate(labels)):
+        return None, ""
+    y, q = np.concatenate(labels), np.concatenate(probs)
+    observed, predicted = calibration_curve(y, q, n_bins=RELIABILITY_BINS, strategy="uniform")
+    counts = np.histogram(q, bins=RELIABILITY_BINS, range=(0.0, 1.0))[0]
+    brier = float(np.mean((q - y) ** 2))
+    fig = _new_figure(5.2, 6.0)
+    ax = fig.add_axes((0.14, 0.36, 0.8, 0.58))
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfectly calibrated")
+    ax.plot(predicted, observed, marker="o", lw=1.5, label=f"validation tiles (Brier {brier:.3f})")
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_xlabel("mean predicted probability of malignancy")
+    ax.set_ylabel("fraction of tiles malignant")
+    ax.set_title("Reliability of the best configuration", fontsize=10)
+    ax.legend(loc="upper left", fontsize=8)
+    hist = fig.add_axes((0.14, 0.08, 0.8, 0.16))
+    hist.bar((np.arange(RELIABILITY_BINS) + 0.5) / RELIABILITY_BINS, counts, width=1 / RELIABILITY_BINS * 0.9,
+             color="#888")
+    hist.set_xlim(-0.01, 1.01)
+    hist.set_ylabel("tiles")
+    hist.set_xlabel("predicted probability")
+    return _save(fig, path), (f"{len(q)} validation tiles of {len(labels)} fold(s), Brier score {brier:.3f} "
+                              "(0 is perfect; 0.25 is a constant 0.5)")
+
+
 def _roc(y: np.ndarray, scores: np.ndarray, what: str, notes: list[str]):
     """``(fpr, tpr, auc)`` of one ROC curve, or None (and a note) when only one class is present."""
     from sklearn.metrics import roc_auc_score, roc_curve
@@ -706,7 +756,9 @@ def pooled_patient_auc(an: Analysis, config: tuple[Any, ...], base: Path) -> dic
 
 TEST_ROWS = (("test_auc", "tile AUC"), ("test_patient_auc", "patient AUC"), ("test_slide_auc", "slide AUC"),
              ("test_balanced_accuracy", "tile balanced accuracy at the model's threshold"),
-             ("test_patient_accuracy", "patient accuracy at the model's threshold"), ("threshold", "threshold"))
+             ("test_slide_accuracy", "slide accuracy at the model's threshold"),
+             ("test_patient_accuracy", "patient accuracy at the model's threshold"),
+             ("test_slide_brier", "slide Brier score"), ("threshold", "threshold"))
 
 
 def _tests_html(folders: Sequence[Path]) -> tuple[str, str]:
@@ -972,7 +1024,7 @@ def make_report(results_csv: str | os.PathLike[str], out_dir: str | os.PathLike[
                      f"{bm} of every completed point, per {by}; box = quartiles, line = median, triangle = mean."))
 
     body.append("<h2>Effect of each factor</h2>")
-    taken: set[str] = {"auc_by_arch", "roc_best", "summary"}
+    taken: set[str] = {"auc_by_arch", "roc_best", "reliability_best", "summary"}
     if not varying:
         body.append('<p class="note">No factor takes more than one value: nothing to compare.</p>')
     for f in varying:
@@ -1008,6 +1060,14 @@ def make_report(results_csv: str | os.PathLike[str], out_dir: str | os.PathLike[
                              "probability of the patient's tiles (right)."))
         if notes:
             body.append('<ul class="note">' + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>")
+        reliability, sentence = plot_reliability(an, config, results_csv.parent, out / "reliability_best.png")
+        body.append("<h2>Calibration of the best configuration</h2>")
+        if reliability is None:
+            body.append('<p class="warn" id="no-reliability">No validation predictions: no reliability curve.</p>')
+        else:
+            body.append(_img(reliability.name, "reliability diagram of the best configuration",
+                             "Observed fraction of malignant tiles against the predicted probability (calibrated "
+                             f"as each run calibrated them): on the diagonal, 0.7 means 7 in 10. {sentence}."))
 
     body.append("<h2>Test set</h2>")
     body.append(tests_html)
