@@ -62,7 +62,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import conclude, scratch_folder, write_report  # noqa: E402
 
-SECTIONS = ("cohorts", "small", "control", "archs")
+SECTIONS = ("cohorts", "small", "control", "archs", "decisions", "demo")
 TILE_SIZE, MPP, SLIDE_SIZE = 64, 1.0, 2048
 SWAP = {"malignant": "Biliary adenoma", "benign": "Cholangiocarcinoma"}  # a swapped patient's every region
 MIN_SIZE = {"inception_v3": 75}
@@ -169,8 +169,10 @@ def train_fold(shards: Path, splits: Path, fold: int, out: Path, arch: str = "si
     t0 = time.perf_counter()
     m = train(cfg)
     keys = ("val_auc", "val_patient_auc", "val_slide_auc", "val_patient_accuracy", "val_balanced_accuracy",
-            "threshold", "tune_auc", "best_epoch", "epochs_run", "selection_tuned", "n_val_patients_pos",
-            "n_val_patients_neg", "n_tune_patients", "n_train_tiles", "n_val_tiles", "train_seconds", "n_params")
+            "val_slide_accuracy", "val_slide_brier", "n_val_slides", "threshold", "tune_auc", "best_epoch",
+            "epochs_run", "selection_tuned", "n_val_patients_pos", "n_val_patients_neg", "n_tune_patients",
+            "n_calibration_patients", "n_train_tiles", "n_val_tiles", "train_seconds", "calibration_seconds",
+            "n_params")
     row = {"fold": fold, **{k: float(m[k]) for k in keys}, "wall_seconds": time.perf_counter() - t0}
     shutil.rmtree(out, ignore_errors=True)
     return row
@@ -257,6 +259,152 @@ def histogram_baseline(shards: Path, splits: Path, folds: int) -> list[dict]:
     return out
 
 
+# --------------------------------------------------------------------------------------------- decisions
+
+def decision_configs(names: list[str]) -> dict[str, dict]:
+    """``train``'s defaults ("defaults") and every configuration of the demo's plan ("demo": its architectures x
+    stain choices with its fixed settings, from :class:`DemoConfig`, so the benchmark follows the demo)."""
+    from python_task.experiments.demo import DemoConfig, demo_plan
+
+    out: dict[str, dict] = {}
+    if "defaults" in names:
+        out["train defaults (simple_cnn)"] = {}
+    if "demo" in names:
+        cfg = DemoConfig()
+        fixed = {k: v for k, v in demo_plan(cfg)["fixed"].items()}
+        for arch in cfg.archs:
+            for stain in cfg.stains:
+                out[f"demo {arch} stain {stain}"] = {"arch": arch, "stain": stain, **fixed}
+    return out
+
+
+@contextlib.contextmanager
+def raw_predictions(store: dict):
+    """While it is active, ``train`` leaves in ``store`` its uncalibrated tuning probabilities (``tune``, None
+    without a tuning set), its run data (``data``) and its uncalibrated held-out probabilities (``val``): what
+    today's rule (before issue 21) would have decided from the same model."""
+    import python_task.training.loop as loop
+
+    real_tiles, real_predict = loop.calibration_tiles, loop.predict_index
+
+    def tiles(cfg, data, state, engine, tune_prob):
+        store.update(data=data, tune=tune_prob)
+        return real_tiles(cfg, data, state, engine, tune_prob)
+
+    def predict(model, batches):
+        prob = real_predict(model, batches)
+        if "data" in store and batches is store["data"].val_batches:
+            store["val"] = prob
+        return prob
+
+    loop.calibration_tiles, loop.predict_index = tiles, predict
+    try:
+        yield
+    finally:
+        loop.calibration_tiles, loop.predict_index = real_tiles, real_predict
+
+
+def todays_rule(store: dict) -> dict:
+    """The decisions of the rule before issue 21 on the same model: slides and patients scored by their mean
+    uncalibrated tile probability, the threshold chosen on the tuning slides alone (0.5 without them)."""
+    from python_task.training.metrics import FIXED_THRESHOLD, choose_slide_threshold, group_decisions
+
+    data, tune = store["data"], store.get("tune")
+    threshold = (choose_slide_threshold(data.tune_index.labels, tune, data.tune_index.slide_ids, "mean")
+                 if tune is not None else FIXED_THRESHOLD)
+    v = data.val_index
+    slide = group_decisions(v.labels, store["val"], v.slide_ids, threshold, "mean")
+    patient = group_decisions(v.labels, store["val"], v.patient_ids, threshold, "mean")
+    return {"old_threshold": threshold, "old_slide_accuracy": slide["accuracy"],
+            "old_patient_accuracy": patient["accuracy"], "old_slide_brier": slide["brier"]}
+
+
+def decision_section(work: Path, seeds: list[int], patients: int, folds: int, configs: dict[str, dict],
+                     overrides: dict) -> dict:
+    """Every fold of a fresh cohort per seed, for every configuration: the held-out decisions at the run's own
+    threshold (the run's aggregation and calibration) beside today's rule on the same model."""
+    rows = []
+    for seed in seeds:
+        shards, splits, info = make_cohort(work, patients, seed, folds)
+        log(f"decisions: cohort {patients} patients seed {seed}: {info['tiles']} tiles, tuning sets "
+            f"{info['tuning_sets']}")
+        for name, kw in configs.items():
+            for fold in range(folds):
+                store: dict = {}
+                with raw_predictions(store):
+                    r = {"seed": seed, "config": name, **train_fold(shards, splits, fold, work / "run",
+                                                                     **{**kw, **overrides})}
+                r.update(todays_rule(store))
+                rows.append(r)
+                log(decision_line(r))
+    by_config = {}
+    for name in configs:
+        mine = [r for r in rows if r["config"] == name]
+        by_config[name] = {key: summary([r[key] for r in mine]) for key in (
+            "val_slide_accuracy", "val_patient_accuracy", "val_slide_brier", "old_slide_accuracy",
+            "old_patient_accuracy", "old_slide_brier", "val_auc", "train_seconds", "calibration_seconds")}
+    return {"seeds": seeds, "patients": patients, "folds": folds, "points": rows, "by_config": by_config}
+
+
+def decision_line(r: dict) -> str:
+    return (f"  {r['config']:<34} seed {r['seed']} fold {r['fold']}: tile AUC {r['val_auc']:.3f}; slides right "
+            f"{r['val_slide_accuracy']:.3f} (today's rule {r['old_slide_accuracy']:.3f}), patients "
+            f"{r['val_patient_accuracy']:.3f} ({r['old_patient_accuracy']:.3f}), slide Brier {r['val_slide_brier']:.3f} "
+            f"({r['old_slide_brier']:.3f}); threshold {r['threshold']:.3f} ({r['old_threshold']:.3f}) from "
+            f"{r['n_calibration_patients']:.0f} patients; {r['train_seconds']:.0f} s training + "
+            f"{r['calibration_seconds']:.0f} s calibration")
+
+
+def decision_summary_lines(section: dict) -> list[str]:
+    lines = []
+    for name, s in section["by_config"].items():
+        lines.append(f"  {name:<34} slide accuracy median {s['val_slide_accuracy']['median']:.3f} worst "
+                     f"{s['val_slide_accuracy']['worst']:.3f} (today's rule {s['old_slide_accuracy']['median']:.3f} / "
+                     f"{s['old_slide_accuracy']['worst']:.3f}); patient accuracy median "
+                     f"{s['val_patient_accuracy']['median']:.3f} worst {s['val_patient_accuracy']['worst']:.3f} "
+                     f"({s['old_patient_accuracy']['median']:.3f} / {s['old_patient_accuracy']['worst']:.3f}); slide "
+                     f"Brier median {s['val_slide_brier']['median']:.3f} ({s['old_slide_brier']['median']:.3f}); "
+                     f"tile AUC median {s['val_auc']['median']:.3f}; {s['val_slide_accuracy']['n']} points")
+    return lines
+
+
+def demo_runs(work: Path, seeds: list[int], extra_jobs: int | None) -> list[dict]:
+    """The demo as a user runs it, once per seed (and once more for the first seed with ``extra_jobs`` points in
+    parallel: another number of threads per point, other rounding): each heat-map slide's call."""
+    from python_task.experiments.demo import DemoConfig, run_demo
+
+    runs = [(seed, DemoConfig().jobs) for seed in seeds] + ([(seeds[0], extra_jobs)] if extra_jobs else [])
+    out = []
+    for seed, jobs in runs:
+        folder = work / f"demo_s{seed}_j{jobs}"
+        t0 = time.perf_counter()
+        outputs = run_demo(folder, DemoConfig(seed=seed, jobs=jobs))
+        calls = []
+        for name, path in outputs.items():
+            if not name.startswith("heatmap "):
+                continue
+            summary_ = json.loads((path.parent / "slide.json").read_text())
+            truth = name.rsplit("(", 1)[1].rstrip(")")
+            calls.append({"slide": path.parent.name, "diagnosis": truth, "called": summary_["predicted_diagnosis"],
+                          "score": summary_["slide_score"], "threshold": summary_["threshold"],
+                          "aggregation": summary_.get("aggregation", "mean")})
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        out.append({"seed": seed, "jobs": jobs, "threads_per_point": threads, "calls": calls,
+                    "held_out": held_out_summary(folder), "seconds": time.perf_counter() - t0})
+        log(f"demo seed {seed} ({threads} thread(s) a point): " + "; ".join(
+            f"{c['slide']} ({c['diagnosis']}) called {c['called']}, score {c['score']:.3f} at {c['threshold']:.3f}"
+            for c in calls) + f"; {out[-1]['held_out']}")
+    return out
+
+
+def held_out_summary(folder: Path) -> str:
+    from python_task.experiments.demo import heatmap_choice, held_out_line
+
+    choice = heatmap_choice(folder / "sweep" / "results.csv", folder / "cohort" / "cohort.csv",
+                            folder / "splits.json")
+    return "no heat-map fold" if choice is None else held_out_line(choice[0])
+
+
 # --------------------------------------------------------------------------------------------- main
 
 def cohort_section(work: Path, seeds: list[int], patients: int, folds: int, overrides: dict) -> dict:
@@ -274,6 +422,16 @@ def main() -> int:
     ap.add_argument("--seeds", default="301,302,303,304,305", help="12-patient cohort seeds (cohorts, archs)")
     ap.add_argument("--small-seeds", default="401,402,403,404,405", help="8-patient cohort seeds (small)")
     ap.add_argument("--control-seeds", default="501,502,503,504", help="12-patient shuffled cohort seeds (control)")
+    ap.add_argument("--decision-seeds", default="601,602,603,604,605",
+                    help="12-patient cohort seeds of the decisions section (3 folds)")
+    ap.add_argument("--decision-small-seeds", default="611,612,613,614,615",
+                    help="8-patient cohort seeds of the decisions section (2 folds)")
+    ap.add_argument("--decision-configs", default="defaults,demo",
+                    help="configurations of the decisions section: defaults (train's), demo (the demo's plan)")
+    ap.add_argument("--demo-seeds", default="0,1,2,3,4", help="seeds of the demo section")
+    ap.add_argument("--demo-extra-jobs", type=int, default=1,
+                    help="the first demo seed once more with this many points in parallel (other threads per "
+                         "point, other rounding); 0 = not")
     ap.add_argument("--archs", default="all", help="architectures of the archs section (default all registered)")
     ap.add_argument("--arch-epochs", type=int, default=3, help="epochs of the keras.applications networks (3)")
     ap.add_argument("--arch-max-train-tiles", type=int, default=512,
@@ -303,8 +461,14 @@ def main() -> int:
         overrides[option.field] = option.kind(value) if option.kind is not bool else value.lower() == "true"
     if args.tune_fraction is not None:
         TUNE_FRACTION.append(args.tune_fraction)
+    decision_seeds = [int(x) for x in args.decision_seeds.split(",") if x.strip()]
+    decision_small_seeds = [int(x) for x in args.decision_small_seeds.split(",") if x.strip()]
+    demo_seeds = [int(x) for x in args.demo_seeds.split(",") if x.strip()]
+    configs = decision_configs([c.strip() for c in args.decision_configs.split(",")])
     if args.quick:
         seeds, small_seeds, control_seeds, archs = seeds[:1], small_seeds[:1], control_seeds[:1], ["simple_cnn"]
+        decision_seeds, decision_small_seeds = decision_seeds[:1], decision_small_seeds[:1]
+        configs = dict(list(configs.items())[:1])
         overrides.update(epochs=1, max_train_tiles=128, max_val_tiles=128)
 
     t_start = time.perf_counter()
@@ -350,10 +514,15 @@ def main() -> int:
             pa, pb = (t_interval([r["val_patient_auc"] for r in tuned]),
                       t_interval([r["val_patient_auc"] for r in held_out]))
             diffs = [b["val_auc"] - a["val_auc"] for a, b in zip(tuned, held_out)]
+            sa = t_interval([r["val_slide_accuracy"] for r in tuned])
+            targets["shuffled diagnoses: 0.5 inside the 95 % interval of the mean slide accuracy"] = bool(
+                sa["ci_low"] <= 0.5 <= sa["ci_high"])
+            lines.append(f"shuffled diagnoses: mean held-out slide accuracy {sa['mean']:.3f} [{sa['ci_low']:.3f}, "
+                         f"{sa['ci_high']:.3f}] at the runs' own thresholds")
             report["control"] = {"seeds": control_seeds, "tuning_set_selection": tuned,
                                  "held_out_selection": held_out, "tile_auc_tuning": ta, "tile_auc_held_out": tb,
                                  "patient_auc_tuning": pa, "patient_auc_held_out": pb,
-                                 "bias_tile_auc": t_interval(diffs), "bias_max": max(diffs)}
+                                 "bias_tile_auc": t_interval(diffs), "bias_max": max(diffs), "slide_accuracy": sa}
             targets["shuffled diagnoses: 0.5 inside the 95 % interval of the mean tile AUC"] = bool(
                 ta["ci_low"] <= 0.5 <= ta["ci_high"])
             lines.append(f"shuffled diagnoses, seeds {control_seeds}, {ta['n']} runs: mean held-out tile AUC "
@@ -398,6 +567,33 @@ def main() -> int:
             for arch, r in results.items():
                 lines.append(f"  {arch:<40} {r['mean_tile_auc']:.3f} / {r['mean_patient_auc']:.3f}  "
                              f"({r['train_seconds']:.0f} s; budget {r['budget'] or 'defaults'})")
+        if "decisions" in sections:
+            big = decision_section(work, decision_seeds, 12, 3, configs, overrides)
+            small = decision_section(work, decision_small_seeds, 8, 2, configs, overrides)
+            report["decisions"] = {"12_patients": big, "8_patients": small}
+            for name, c in big["by_config"].items():
+                for level in ("slide", "patient"):
+                    acc = c[f"val_{level}_accuracy"]
+                    targets[f"decisions, 12 patients, {name}: median {level} accuracy >= 0.95"] = bool(
+                        acc["median"] >= 0.95)
+                    targets[f"decisions, 12 patients, {name}: worst {level} accuracy >= 0.85"] = bool(
+                        acc["worst"] >= 0.85)
+            lines.append(f"decisions at the runs' own thresholds, 12 patients x 3 folds, seeds {decision_seeds} "
+                         "(each fold's held-out 4 patients; today's rule in brackets):")
+            lines += decision_summary_lines(big)
+            lines.append(f"decisions, 8 patients x 2 folds, seeds {decision_small_seeds}:")
+            lines += decision_summary_lines(small)
+            lines += [decision_line(r) for r in big["points"] + small["points"]]
+        if "demo" in sections and not args.quick:
+            runs = demo_runs(work, demo_seeds, args.demo_extra_jobs or None)
+            report["demo"] = runs
+            targets["demo: both heat-map slides called right in every run"] = all(
+                len(r["calls"]) == 2 and all(c["called"] == c["diagnosis"] for c in r["calls"]) for r in runs)
+            lines.append("the demo (its heat-map slides' calls):")
+            lines += [f"  seed {r['seed']}, {r['threads_per_point']} thread(s) a point: " + "; ".join(
+                f"{c['slide']} ({c['diagnosis']}) called {c['called']}, score {c['score']:.3f} ({c['aggregation']}) "
+                f"at threshold {c['threshold']:.3f}" for c in r["calls"]) + f"; {r['held_out']} ({r['seconds']:.0f} s)"
+                for r in runs]
     report.update(targets=targets, seconds=time.perf_counter() - t_start, loadavg_end=list(os.getloadavg()))
     path = write_report(args.out, "bench_learning", report)
     print("bench_learning: train's defaults on fresh synthetic cohorts (64-px tiles at 1 um/px, 2048-px slides)")
