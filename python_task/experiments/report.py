@@ -685,7 +685,7 @@ def plot_reliability(an: Analysis, config: tuple[Any, ...], base: Path, path: Pa
     counts = np.histogram(q, bins=RELIABILITY_BINS, range=(0.0, 1.0))[0]
     brier = float(np.mean((q - y) ** 2))
     fig = _new_figure(5.2, 6.0)
-    ax = fig.add_axes((0.14, 0.36, 0.8, 0.58))
+    ax, hist = fig.subplots(2, 1, gridspec_kw={"height_ratios": [3.2, 1]})
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfectly calibrated")
     ax.plot(predicted, observed, marker="o", lw=1.5, label=f"validation tiles (Brier {brier:.3f})")
     ax.set_xlim(-0.01, 1.01)
@@ -694,7 +694,6 @@ def plot_reliability(an: Analysis, config: tuple[Any, ...], base: Path, path: Pa
     ax.set_ylabel("fraction of tiles malignant")
     ax.set_title("Reliability of the best configuration", fontsize=10)
     ax.legend(loc="upper left", fontsize=8)
-    hist = fig.add_axes((0.14, 0.08, 0.8, 0.16))
     hist.bar((np.arange(RELIABILITY_BINS) + 0.5) / RELIABILITY_BINS, counts, width=1 / RELIABILITY_BINS * 0.9,
              color="#888")
     hist.set_xlim(-0.01, 1.01)

@@ -326,7 +326,7 @@ def test_html_ranking_failed_points_and_figures(tmp_path):
     text = html_path.read_text()
     assert "12 points, 4 configurations, 6 failed points" in text
     assert "<script" not in text.lower()
-    expected_pngs = {"auc_by_arch.png", "factor_arch.png", "factor_lr.png", "roc_best.png"}
+    expected_pngs = {"auc_by_arch.png", "factor_arch.png", "factor_lr.png", "roc_best.png", "reliability_best.png"}
     assert set(parsed.images) == expected_pngs  # no plot for fold, seed or the constant epochs
     for name in expected_pngs:
         img = imread(out / name)
@@ -351,6 +351,7 @@ def test_roc_needs_predictions(tmp_path):
     text = html_path.read_text()
     assert not (tmp_path / "out" / "roc_best.png").exists()
     assert 'id="no-roc"' in text and "roc_best.png" not in text
+    assert 'id="no-reliability"' in text and not (tmp_path / "out" / "reliability_best.png").exists()
     assert (tmp_path / "out" / "auc_by_arch.png").exists()
 
 
@@ -386,6 +387,31 @@ def test_no_arch_column_boxes_per_configuration_and_values_are_escaped(tmp_path)
     assert parsed.tables["ranking"][2][1] == '<b>cnn</b> & "x"'
     assert "auc_by_arch.png" in parsed.images and "factor_model.png" in parsed.images
     assert (tmp_path / "out" / "auc_by_arch.png").exists()
+
+
+def test_reliability_diagram_pools_the_best_configurations_folds_with_their_brier_score(tmp_path):
+    """Two folds of one configuration: benign tiles at 0.2 and malignant at 0.6, so the Brier score is
+    (0.2² + 0.4²) / 2 = 0.100 and the diagram has two points, (0.2, 0.0) and (0.6, 1.0)."""
+    from matplotlib.image import imread
+
+    path = tmp_path / "r.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["arch", "fold", "val_patient_auc", "status", "out_dir"])
+        for fold in (0, 1):
+            w.writerow(["simple_cnn", fold, 1.0, "ok", f"p{fold}"])
+            (tmp_path / f"p{fold}").mkdir()
+            with open(tmp_path / f"p{fold}" / "predictions.csv", "w", newline="") as pf:
+                pw = csv.writer(pf)
+                pw.writerow(["slide_id", "patient_id", "x", "y", "label", "prob"])
+                for t in range(10):
+                    pw.writerow([f"S{fold}a", f"P{fold}a", 64 * t, 0, 0, 0.2])
+                    pw.writerow([f"S{fold}b", f"P{fold}b", 64 * t, 0, 1, 0.6])
+    text = make_report(path, tmp_path / "out").read_text()
+    assert "reliability_best.png" in _parse(tmp_path / "out" / "report.html").images
+    assert "40 validation tiles of 2 fold(s), Brier score 0.100" in text
+    img = imread(tmp_path / "out" / "reliability_best.png")
+    assert img.ndim == 3 and float(img[..., :3].std()) > 0.01
 
 
 # --------------------------------------------------------------------------------------------- errors
