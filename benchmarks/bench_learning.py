@@ -1,6 +1,7 @@
 """Does ``train`` with its defaults learn the lesion on patients it has never seen, and are its numbers honest?
 
-    python benchmarks/bench_learning.py [--sections cohorts,small,control,archs] [--seeds 301,302,303,304,305]
+    python benchmarks/bench_learning.py [--sections cohorts,small,control,archs,decisions,demo]
+                                        [--seeds 301,302,303,304,305]
                                         [--small-seeds 401,...] [--control-seeds 501,...] [--archs all]
                                         [--arch-epochs 3] [--arch-max-train-tiles 512] [--out bench_out] [--quick]
 
@@ -9,7 +10,7 @@ Every cohort is drawn fresh with ``SynthConfig(patients=P, seed=S, slide_size=20
 mpp=1.0)``) and split with ``make_splits(shards, K, seed=0)`` (its default tuning fraction: one tuning patient of
 each diagnosis per fold when the fold's training patients can spare them, else the fixed rule). Each ``train``
 runs with the package's defaults (``TrainConfig`` with only the data, fold, architecture and output given), in
-this process, one after the other. Four sections:
+this process, one after the other. Six sections:
 
 * ``cohorts`` (issue 14's first proof): 12 patients, every fold of 3, ``simple_cnn``: held-out (validation
   fold) tile AUC of every fold, its patient AUC with the patients behind it (malignant + benign). Targets: median
@@ -32,7 +33,24 @@ this process, one after the other. Four sections:
   training tiles, input 64 px (75 for inception_v3, its minimum). Target: each architecture's mean held-out tile
   AUC above the baseline's.
 
-``--quick`` (tests): one small cohort per section, 1 epoch on at most 128 tiles, ``simple_cnn`` only.
+* ``decisions`` (issue 21): the calls a pathologist reads. For ``train``'s defaults and every configuration of
+  the demo's plan (its architectures x stain choices with its fixed settings, taken from ``DemoConfig``), every
+  fold of fresh cohorts: 12 patients in 3 folds (``--decision-seeds``) and 8 patients in 2 folds
+  (``--decision-small-seeds``). Per point, the held-out slide and patient accuracy at the run's own threshold
+  (its aggregation, calibration and cross-fitted threshold) and the slide Brier score, beside today's rule on the
+  very same model (before issue 21: mean uncalibrated tile probability, threshold on the tuning slides alone, 0.5
+  without them). Targets, per configuration at 12 patients: median slide accuracy >= 0.95 and worst point
+  >= 0.85; patient accuracy likewise.
+* ``demo``: ``demo`` as a user runs it, once per ``--demo-seeds`` seed and once more for the first seed with
+  ``--demo-extra-jobs`` points in parallel (other threads per point: other rounding). Target: both heat-map
+  slides called right in every run; each call is quoted, and how many held-out slides of the drawn fold were
+  called right.
+
+The control section also reports the mean held-out slide accuracy at the runs' own thresholds; target: its 95 %
+t-interval contains 0.5.
+
+``--quick`` (tests): one small cohort per section, 1 epoch on at most 128 tiles, ``simple_cnn`` only (the
+decisions section: ``train``'s defaults only; no demo).
 
 Ablations (the README's table): ``--set KEY=VALUE`` (repeatable) changes a ``train`` option for every run,
 e.g. ``--set augment=none`` or ``--set input_scaling=architecture``; ``--tune-fraction 0`` makes splits without
