@@ -171,8 +171,8 @@ def held_out_line(point: dict) -> str:
         n, accuracy = float(point.get(f"n_val_{level}s", math.nan)), float(point.get(f"val_{level}_accuracy", math.nan))
         if math.isfinite(n) and math.isfinite(accuracy):
             parts.append(f"{round(accuracy * n)} of {int(n)} held-out {level}s")
-    called = " and ".join(parts) if parts else "no decision metrics recorded"
-    return f"fold {point['fold']} of the best configuration: {called} called right"
+    head = f"fold {point['fold']} of the best configuration"
+    return f"{head}: {' and '.join(parts)} called right" if parts else f"{head}: no decision metrics recorded"
 
 
 def heatmap_line(job: SlideJob, point: dict, summary: dict) -> str:

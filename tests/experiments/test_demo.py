@@ -7,7 +7,7 @@ import os
 import stat
 from collections import Counter
 
-from python_task.experiments.demo import DemoConfig, run_demo
+from python_task.experiments.demo import DemoConfig, held_out_line, run_demo
 
 
 def test_reduced_demo_runs_the_whole_chain(tmp_path):
@@ -43,3 +43,11 @@ def _assert_readable_by_all(root):
     assert not wrong, wrong
     for suffix in (".tiff", ".geojson", ".csv", ".h5", ".json", ".keras", ".png", ".html", ".npy", ".log"):
         assert kinds[suffix] > 0, suffix  # every kind of output was there to check
+
+
+def test_the_held_out_line_counts_the_slides_and_patients_called_right():
+    point = {"fold": 1, "n_val_slides": 6.0, "val_slide_accuracy": 5 / 6, "n_val_patients": "4",
+             "val_patient_accuracy": "0.75"}
+    assert held_out_line(point) == ("fold 1 of the best configuration: 5 of 6 held-out slides and 3 of 4 held-out "
+                                    "patients called right")
+    assert held_out_line({"fold": 0}) == "fold 0 of the best configuration: no decision metrics recorded"
