@@ -365,8 +365,7 @@ def finish_run(cfg: TrainConfig, data: RunData, state: RunState, policy: str, t_
                    n_val_tiles=float(len(data.val_index)), n_params=float(count_params(best)),
                    wall_seconds=float(time.perf_counter() - t_start), tune_auc=float(tune_auc),
                    selection_tuned=float(tuned), calibration_seconds=float(calibration_seconds),
-                   n_calibration_patients=float(len(set(decision.tiles.patients.tolist())) if decision.tiles
-                                                else 0),
+                   n_calibration_patients=float(len(decision.patients)),
                    n_tune_tiles=float(len(data.tune_index)) if tuned else 0.0,
                    **group_counts(data))
     if data.normalizer is not None:
@@ -391,7 +390,7 @@ def finish_run(cfg: TrainConfig, data: RunData, state: RunState, policy: str, t_
         "selection": selection_rule(cfg, data), "best_epoch": state.best_epoch,
         "manifest_digest": data.manifest_digest, "threshold": metrics["threshold"],
         "aggregation": cfg.aggregation, "calibration": calibration.to_json(),
-        "calibration_patients": sorted(set(decision.tiles.patients.tolist())) if decision.tiles else [],
+        "calibration_patients": decision.patients,
         "threshold_rule": threshold_rule(cfg, decision, tuned),
         "stain_file": STAIN_FILE if data.normalizer is not None else None,
         "stopped_early": state.stopped_early,
@@ -436,7 +435,11 @@ class Decision:
     calibration: Calibration
     threshold: float
     tiles: HeldOutTiles | None  # every model's calibrated predictions pooled: what the threshold was chosen on
-    n_models: int = 0
+
+    @property
+    def patients(self) -> list[str]:
+        """The patients behind the threshold, sorted."""
+        return sorted(set(self.tiles.patients.tolist())) if self.tiles is not None else []
 
 
 def calibration_tiles(cfg: TrainConfig, data: RunData, state: RunState, engine: str,
@@ -467,7 +470,7 @@ def fit_decision(cfg: TrainConfig, parts: list[HeldOutTiles], tuned: bool) -> De
     pooled = HeldOutTiles.join([p.calibrated(platt(p)) for p in parts])
     threshold = choose_slide_threshold(pooled.labels, pooled.prob, pooled.slides, cfg.aggregation, pooled.layout)
     own = platt(parts[0]) if tuned else platt(HeldOutTiles.join(parts))
-    return Decision(own, threshold, pooled, len(parts))
+    return Decision(own, threshold, pooled)
 
 
 def threshold_rule(cfg: TrainConfig, decision: Decision, tuned: bool) -> str:
@@ -477,7 +480,7 @@ def threshold_rule(cfg: TrainConfig, decision: Decision, tuned: bool) -> str:
     sources = ("the tuning patients by this model" if tuned else "") + (
         f"{' and ' if tuned else ''}the training patients by {cfg.calibration_folds} inner cross-fitted models"
         if cfg.calibration_folds else "")
-    return (f"chosen on {len(set(tiles.slides.tolist()))} slides of {len(set(tiles.patients.tolist()))} patients, "
+    return (f"chosen on {len(set(tiles.slides.tolist()))} slides of {len(decision.patients)} patients, "
             f"each predicted by a model that did not fit on it ({sources}); each model's tile probabilities "
             f"{'Platt-scaled on its own held-out tiles' if cfg.calibration == 'platt' else 'uncalibrated'}; slides "
             f"scored by {cfg.aggregation}; the cut of highest Youden's J half-way between neighbouring slide scores "

@@ -10,18 +10,18 @@ Definitions where a choice was needed:
 * ``val_f1``: F1 of the positive class; NaN when it is 0/0 (no positive tile and no positive call).
 * ``val_loss``: binary cross-entropy (``sklearn.metrics.log_loss``) on probabilities clipped to [1e-7, 1 - 1e-7],
   Keras' epsilon, unless the caller passes its own ``loss``.
-* Slide/patient level: a group's score aggregates its tile probabilities (``mean`` by default, ``median``, or
-  ``top10`` = mean of its highest ceil(10 %) tiles); its label is the maximum tile label (malignant if any tile is).
+* Slide/patient level: a group's score aggregates its tile probabilities (:func:`aggregate`: ``mean`` by default,
+  ``median``, ``q90``, ``top10``, ``smoothed_max``); its label is the maximum tile label (malignant if any tile is).
   A group is called malignant when its score reaches the threshold (:func:`group_decisions`: accuracy, balanced
   accuracy, sensitivity, specificity; and the Brier score of the score against the label).
 * :func:`choose_threshold`: the ROC cut-off maximising Youden's J (TPR - FPR), moved half-way down to the next
   lower score, so it separates the two scores around it instead of sitting on one of them; 0.5 when undefined.
-* :func:`choose_slide_threshold`: the decision threshold ``train`` records, chosen on the tuning set for the
-  decision it serves (``predict``'s ``slide.json`` calls a slide malignant when its mean tile probability reaches
-  it): each slide scored by its mean tile probability, the cut between two neighbouring slide scores that
+* :func:`choose_slide_threshold`: the decision threshold ``train`` records, chosen on held-out (calibration) tiles
+  for the decision it serves (``predict``'s ``slide.json`` calls a slide malignant when its score reaches it):
+  each slide scored by the run's aggregation, the cut between two neighbouring slide scores that
   maximises Youden's J over slides, placed half-way between them; among equally good cuts, the one nearest 0.5.
-  So with tuning slides that separate, it lies half-way between the highest benign and the lowest malignant
-  slide score, never at an extreme tile probability; 0.5 when the tuning slides are of one class.
+  So with slides that separate, it lies half-way between the highest benign and the lowest malignant slide
+  score, never at an extreme tile probability; 0.5 when the slides are of one class.
 """
 
 from __future__ import annotations
@@ -180,8 +180,8 @@ def aggregate(prob, y_true, groups, how: str = "mean",
 
     ``how`` (:data:`AGGREGATIONS`): ``mean`` tile probability, ``median``, ``q90`` (the 90th percentile),
     ``top10`` (mean of the highest ceil(10 %) tiles, at least one) or ``smoothed_max`` (the highest of the tiles'
-    neighbourhood means, :func:`smoothed_max`; needs the tiles' :class:`TileLayout`). A group with a non-finite probability gets a NaN score. Empty input
-    gives three empty arrays.
+    neighbourhood means, :func:`smoothed_max`; needs the tiles' :class:`TileLayout`). A group with a non-finite
+    probability gets a NaN score. Empty input gives three empty arrays.
     """
     if how not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {how!r}; choose from {', '.join(AGGREGATIONS)}")
@@ -205,9 +205,11 @@ def aggregate(prob, y_true, groups, how: str = "mean",
         ext = np.broadcast_to(np.asarray(layout.extent, dtype=np.float64), p.shape)
         section = (np.unique(np.asarray(layout.slides).reshape(-1), return_inverse=True)[1].reshape(-1)
                    if layout.slides is not None else np.zeros(len(p), np.int64))
+    order = np.argsort(inverse, kind="stable")  # the tiles grouped, each group's rows in input order
+    ends = np.cumsum(counts)
     scores = np.empty(len(ids))
-    for k in range(len(ids)):
-        rows = np.flatnonzero(inverse == k)
+    for k, (start, end) in enumerate(zip(ends - counts, ends)):
+        rows = order[start:end]
         vals = p[rows]
         if not np.isfinite(vals).all():
             scores[k] = NAN
