@@ -83,7 +83,8 @@ def trained_model(learn_data, tmp_path_factory) -> Path:
     shards, splits = learn_data
     out = tmp_path_factory.mktemp("trained")
     train(TrainConfig(shards=shards, splits=splits, fold=0, arch="simple_cnn", out=out, epochs=3, batch_size=32,
-                      lr=5e-4, augment="flip,rot90", verbose=False, tensorboard=False, patience=0))
+                      lr=5e-4, augment="flip,rot90", verbose=False, tensorboard=False, patience=0,
+                      calibration_folds=3))  # 5 training patients: 3 inner folds leave 3 to fit on
     return out
 
 

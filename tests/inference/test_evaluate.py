@@ -30,7 +30,7 @@ def test_split(learn_data, tmp_path_factory):
     run = root / "run"
     train(TrainConfig(shards=shards, splits=root / "splits.json", fold=0, arch="simple_cnn", out=run, epochs=1,
                       batch_size=16, max_train_tiles=96, max_val_tiles=96, verbose=False, tensorboard=False,
-                      aggregation="q90", calibration_folds=2))
+                      aggregation="q90", calibration_folds=4))  # 4 training patients: inner models fit on 3
     return shards, root / "splits.json", run, splits
 
 

@@ -53,3 +53,22 @@ def test_json_round_trip_and_an_old_run_without_calibration():
     assert Calibration.from_json(cal.to_json()) == cal
     assert Calibration.from_json(None) == Calibration() == Calibration.from_json({})
     assert logit([0.5])[0] == pytest.approx(0.0)
+
+
+def test_two_patients_whose_tiles_are_perfectly_separated_do_not_run_the_map_off():
+    """A benign patient's tiles at about 0.999 and a malignant one's at about 0.999999: a maximum-likelihood fit
+    separates them with an intercept near -28 (a raw 0.9999 would become almost 0); the prior towards the identity,
+    and two patients counting as little evidence, keep the map near it."""
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 200)
+    p = np.where(y == 1, 1 - 10 ** rng.uniform(-6, -5, 400), 1 - 10 ** rng.uniform(-3, -2, 400))
+    cal = fit_platt(y, p, np.where(y == 1, "m", "b"))
+    assert cal.method == "platt" and 0.25 < cal.slope < 2 and abs(cal.intercept) < 6
+    assert cal.apply([0.9999])[0] > 0.5
+
+
+def test_more_patients_move_the_map_further_from_the_identity():
+    y, p, patients = _overconfident(n=400)
+    few = fit_platt(y, p, np.where(y == 1, "m", "b"))
+    many = fit_platt(y, p, patients)  # the same tiles spread over 4 patients
+    assert abs(many.slope - 1) > abs(few.slope - 1)

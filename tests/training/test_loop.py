@@ -17,7 +17,7 @@ from python_task.data.splits import make_splits, write_splits
 from python_task.errors import TaskError
 from python_task.fileio import nan_for_null
 from python_task.training.config import TrainConfig
-from python_task.training.loop import train
+from python_task.training.loop import MIN_INNER_PATIENTS, train
 from python_task.training.metrics import CONTRACT_METRICS, FIXED_THRESHOLD
 
 
@@ -228,7 +228,7 @@ def _flip_held_out_labels(monkeypatch):
 
 
 def test_epoch_and_threshold_do_not_change_when_only_held_out_labels_change(tuned_split, tmp_path, monkeypatch):
-    kw = dict(epochs=3, patience=1, max_train_tiles=160, max_val_tiles=160)
+    kw = dict(epochs=3, patience=1, max_train_tiles=160, max_val_tiles=160, calibration_folds=4)  # inner fits on 3+
     a = train(_cfg(tuned_split, tmp_path / "a", **kw))
     _flip_held_out_labels(monkeypatch)
     b = train(_cfg(tuned_split, tmp_path / "b", **kw))
@@ -277,15 +277,26 @@ def test_without_a_tuning_set_the_fixed_rule_applies_and_is_recorded(learn_data,
 
 
 def test_without_a_tuning_set_cross_fitting_calibrates_on_every_training_patient(learn_data, tmp_path, caplog):
-    with caplog.at_level("WARNING", logger="python_task"):
-        metrics = train(_cfg(learn_data, tmp_path / "run", epochs=1, max_train_tiles=0, calibration_folds=2))
+    with caplog.at_level("WARNING", logger="python_task"):  # 5 training patients: inner models fit on 3
+        metrics = train(_cfg(learn_data, tmp_path / "run", epochs=1, max_train_tiles=0, calibration_folds=3))
     lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert len(lines) == 1 and "2-fold cross-fitting" in lines[0], lines
+    assert len(lines) == 1 and "3-fold cross-fitting" in lines[0], lines
     resolved = json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]
     assert resolved["calibration_patients"] == resolved["train_patients"]
     assert metrics["n_calibration_patients"] == len(resolved["train_patients"])
     assert not set(resolved["calibration_patients"]) & set(resolved["val_patients"])
     assert resolved["threshold"] == metrics["threshold"] and "inner cross-fitted models" in resolved["threshold_rule"]
+
+
+def test_no_cross_fitting_when_inner_models_would_fit_on_too_few_patients(learn_data, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="python_task"):  # 5 training patients in 2 inner folds: 2 to fit on
+        metrics = train(_cfg(learn_data, tmp_path / "run", epochs=1, max_train_tiles=0, calibration_folds=2))
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(lines) == 1 and "threshold 0.5" in lines[0], lines
+    resolved = json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]
+    assert metrics["threshold"] == FIXED_THRESHOLD and resolved["calibration"]["method"] == "none"
+    assert f"fewer than {MIN_INNER_PATIENTS} patients" in resolved["threshold_rule"]
+    assert not (tmp_path / "run" / "checkpoint" / "crossfit_0.npy").exists()
 
 
 def test_a_format_1_split_trains_under_the_fixed_rule(learn_data, tmp_path, caplog):
