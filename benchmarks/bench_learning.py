@@ -590,6 +590,8 @@ def main() -> int:
             small = decision_section(work, decision_small_seeds, 8, 2, configs, overrides)
             report["decisions"] = {"12_patients": big, "8_patients": small}
             for name, c in big["by_config"].items():
+                if not big["points"]:
+                    continue  # no 12-patient seeds asked for: no target to judge
                 for level in ("slide", "patient"):
                     acc = c[f"val_{level}_accuracy"]
                     targets[f"decisions, 12 patients, {name}: median {level} accuracy >= 0.95"] = bool(
