@@ -8,6 +8,12 @@ back as NaN. CSV files keep ``nan``.
 :func:`folder_lock` makes a run the only writer of its output folder (a ``flock`` on a lock file inside it); while
 it is held, temporary files left in the folder by an interrupted run are stale and
 :func:`remove_stale_temporaries` deletes them.
+
+No write follows a symbolic link: a file the project creates or truncates in place (the lock, a log) is opened
+with ``O_NOFOLLOW`` and a link there is refused (:class:`~python_task.errors.TaskError` naming it), so a link
+planted in an output folder can never redirect a write to its target; a temporary file is created with
+``O_EXCL`` (never through a link) and renamed over its final name, which replaces a link there instead of
+writing through it.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import contextlib
 import csv
 import datetime
 import errno
+import hashlib
 import json
 import logging
 import math
@@ -24,13 +31,16 @@ import socket
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from python_task.errors import BusyError
+from python_task.errors import BusyError, TaskError
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".python_task.lock"  # the lock file inside an output folder while a run writes to it
+NAME_MAX = 255  # the longest file name, in bytes, where the filesystem does not say (Linux, macOS, ext4, APFS)
+TEMPORARY_SUFFIX = ".tmp"  # the end of every temporary name (what remove_stale_temporaries recognises)
+_RANDOM_PART = 8  # characters mkstemp puts between the prefix and the suffix
 
 
 def current_umask() -> int:
@@ -49,14 +59,67 @@ def current_umask() -> int:
 def temporary_sibling(final: Path) -> Path:
     """A unique temporary name in the same folder as ``final`` (so the rename is atomic), with the mode a plain
     ``open(final, "w")`` would give (0666 less the umask): ``mkstemp`` creates 0600, which no colleague on a shared
-    filesystem, and no container running as another user, could read."""
+    filesystem, and no container running as another user, could read.
+
+    ``mkstemp`` creates the file with ``O_CREAT | O_EXCL``, which never follows a symbolic link. The name is
+    ``.FINAL.XXXXXXXX.tmp``, shortened (:func:`temporary_prefix`) where that would exceed the folder's longest file
+    name. A folder that refuses the file (read-only, full) is reported under ``final``, the name the user knows."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    try:
+        fd, name = tempfile.mkstemp(prefix=temporary_prefix(final), suffix=TEMPORARY_SUFFIX, dir=final.parent)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror or str(exc), str(final)) from exc
     try:
         os.fchmod(fd, 0o666 & ~current_umask())
     finally:
         os.close(fd)
     return Path(name)
+
+
+def temporary_prefix(final: Path) -> str:
+    """``.FINAL.``, the start of ``final``'s temporary names, when ``.FINAL.XXXXXXXX.tmp`` fits in the folder's
+    longest file name; else the longest start of FINAL that fits, then ``~`` and 8 hex digits of FINAL's SHA-1
+    (two long names with one start still get different prefixes). A 248-byte name is legal where the limit is
+    255 bytes, but its temporary name, 14 bytes longer, would not be."""
+    limit = name_max(final.parent)
+    room = limit - 2 - _RANDOM_PART - len(TEMPORARY_SUFFIX)  # the leading and trailing dots, mkstemp's part
+    if len(os.fsencode(final.name)) <= room:
+        return f".{final.name}."
+    tag = "~" + hashlib.sha1(os.fsencode(final.name)).hexdigest()[:8]
+    stem = final.name
+    while stem and len(os.fsencode(stem + tag)) > room:  # by characters: never a split multi-byte character
+        stem = stem[:-1]
+    return f".{stem}{tag}."
+
+
+def name_max(folder: Path) -> int:
+    """The longest file name ``folder``'s filesystem takes, in bytes (:data:`NAME_MAX` where it does not say)."""
+    try:
+        value = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        return NAME_MAX
+    return value if isinstance(value, int) and value > 0 else NAME_MAX
+
+
+def open_for_writing(path: str | os.PathLike[str], *, binary: bool = False) -> IO[Any]:
+    """``path`` created or truncated for writing (text in UTF-8, or ``binary``), as ``open(path, "w")`` but never
+    through a symbolic link: a link at ``path`` is refused with a :class:`TaskError` naming it (its target, which
+    may be anyone's file, is left as it is). The mode is the umask's."""
+    path = Path(path)
+    fd = open_no_follow(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    return os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")
+
+
+def open_no_follow(path: Path, flags: int) -> int:
+    """``os.open(path, flags | O_NOFOLLOW)`` with the umask's mode; a symbolic link at ``path`` (dangling or
+    not) raises :class:`TaskError` naming it, and any other failure an ``OSError`` naming ``path``."""
+    try:
+        return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o666 & ~current_umask())
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or path.is_symlink():
+            raise TaskError(path, "is a symbolic link: refusing to write through it (remove the link; its target "
+                                  "is left as it is)") from None
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
 
 
 @contextlib.contextmanager
@@ -77,6 +140,38 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+@contextlib.contextmanager
+def atomic_paths(finals: Sequence[str | os.PathLike[str]]) -> Iterator[list[Path]]:
+    """Temporary paths for several outputs of one result, renamed to ``finals`` together only once the block
+    has written them all; deleted, and the previous outputs left as they were, if it fails or is interrupted.
+
+    The last of ``finals`` marks the set complete: it is removed before the others are renamed and renamed last,
+    so a run killed during the renames (microseconds, against the minutes of writing) leaves the folder without
+    its marker, never a marker beside another result's files."""
+    finals = [Path(f) for f in finals]
+    temps: list[Path] = []
+    try:
+        for final in finals:
+            temps.append(temporary_sibling(final))
+        yield list(temps)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(finals[-1])
+        for tmp, final in zip(temps, finals):
+            _rename(tmp, final)
+    finally:
+        for tmp in temps:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+
+def _rename(tmp: Path, final: Path) -> None:
+    """``os.replace`` whose failure names ``final``, the file the user asked for."""
+    try:
+        os.replace(tmp, final)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror or str(exc), str(final)) from exc
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
@@ -179,7 +274,7 @@ def _acquire(folder: Path, path: Path) -> int | None:
     except ImportError:
         return None
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+        fd = _open_lock_file(folder, path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -193,11 +288,21 @@ def _acquire(folder: Path, path: Path) -> int | None:
             return None
         # a releasing holder unlinks the file: the one locked must still be the one at ``path``
         try:
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+            if os.lstat(path).st_ino == os.fstat(fd).st_ino:
                 return fd
         except FileNotFoundError:
             pass
         os.close(fd)
+
+
+def _open_lock_file(folder: Path, path: Path) -> int:
+    """The lock file, created if needed, never through a symbolic link (:func:`open_no_follow`); a folder that
+    refuses it (read-only) is reported under the folder, the output the user named."""
+    try:
+        return open_no_follow(path, os.O_RDWR | os.O_CREAT)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write in this output folder ({exc.strerror or exc})", str(folder)) \
+            from None
 
 
 def _lock_holder(fd: int) -> str:
@@ -217,8 +322,9 @@ def _lock_holder(fd: int) -> str:
 
 def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
     """Delete the temporary files an interrupted run left in ``folder`` (not below): the hidden ``.NAME.*.tmp``
-    of :func:`atomic_path` and ``.NAME.*.tmp.keras`` of a model being saved. Call it only while holding the
-    folder's :func:`folder_lock`: then no other run is writing them. Returns the files removed (logged)."""
+    of :func:`atomic_path` (``.START~HASH.*.tmp`` for a name too long for that, :func:`temporary_prefix`) and
+    ``.NAME.*.tmp.keras`` of a model being saved. Call it only while holding the folder's :func:`folder_lock`: then
+    no other run is writing them. Returns the files removed (logged)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from python_task.errors import BusyError
+from python_task.errors import BusyError, TaskError
 from python_task.fileio import (
     LOCK_NAME,
     atomic_path,
@@ -161,3 +161,90 @@ def test_a_full_disk_names_the_file_being_written_not_its_temporary(tmp_path):
             raise OSError(errno.ENOSPC, "No space left on device")  # as a file object's write raises it
     assert err.value.errno == errno.ENOSPC and err.value.filename == str(final)
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------- links, long names,
+#                                                                                               read-only folders
+
+def test_the_lock_never_writes_through_a_symbolic_link(tmp_path):
+    """A link planted as the lock file (to a victim, or dangling) is refused, naming it; the victim keeps its
+    content and a dangling link's target is not created."""
+    from tests.conftest import cli_line
+
+    victim = tmp_path / "victim"
+    victim.write_text("DATA\n")
+    for folder, target in ((tmp_path / "o", victim), (tmp_path / "o2", tmp_path / "created_by_lock")):
+        folder.mkdir()
+        (folder / LOCK_NAME).symlink_to(target)
+        with pytest.raises(TaskError, match="is a symbolic link") as err:
+            with folder_lock(folder, "extract"):
+                pytest.fail("the lock was taken through a link")
+        assert cli_line(err.value).startswith(f"error: {folder / LOCK_NAME}: is a symbolic link")
+        assert (folder / LOCK_NAME).is_symlink()
+    assert victim.read_text() == "DATA\n"
+    assert not (tmp_path / "created_by_lock").exists()
+
+
+def test_open_for_writing_truncates_a_file_but_never_a_links_target(tmp_path, umask):
+    from python_task.fileio import open_for_writing
+
+    umask(0o027)
+    with open_for_writing(tmp_path / "train.log") as fh:
+        fh.write("first\n")
+    with open_for_writing(tmp_path / "train.log") as fh:
+        fh.write("second\n")
+    assert (tmp_path / "train.log").read_text() == "second\n"
+    assert stat.S_IMODE((tmp_path / "train.log").stat().st_mode) == 0o640
+    victim = tmp_path / "victim"
+    victim.write_text("DATA\n")
+    (tmp_path / "link.log").symlink_to(victim)
+    (tmp_path / "dangling.log").symlink_to(tmp_path / "nowhere")
+    for link in (tmp_path / "link.log", tmp_path / "dangling.log"):
+        with pytest.raises(TaskError, match="is a symbolic link") as err:
+            open_for_writing(link)
+        assert err.value.path == str(link)
+    assert victim.read_text() == "DATA\n" and not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.parametrize("name", ["x" * 248, "y" * 255, "é" * 120 + ".json"])
+def test_a_legal_long_name_gets_a_temporary_name_within_the_limit(tmp_path, name):
+    """A 248-byte name is legal (the limit is 255 bytes) though ``.NAME.XXXXXXXX.tmp`` is not: the temporary name
+    is shortened, stays hidden and ``.tmp`` (so an interrupted run's is still removed), and the file arrives."""
+    from python_task.fileio import temporary_sibling
+
+    write_text_atomic(tmp_path / name, "complete")
+    assert (tmp_path / name).read_text() == "complete"
+    tmp = temporary_sibling(tmp_path / name)
+    assert len(os.fsencode(tmp.name)) <= 255 and tmp.name.startswith(".") and tmp.name.endswith(".tmp")
+    assert remove_stale_temporaries(tmp_path) == [tmp]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def _read_only(monkeypatch, folder):
+    """``folder`` refuses new files as a read-only mount does (EROFS, naming the file tried), whoever runs the
+    test (root ignores a folder's mode)."""
+    import errno
+
+    real_open = os.open
+
+    def refuse(path, *args, **kwargs):
+        if os.path.dirname(os.fspath(path)) == str(folder):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refuse)  # what mkstemp and the lock file use
+
+
+def test_a_read_only_folder_is_named_by_the_file_asked_for_not_its_temporary(tmp_path, monkeypatch):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    _read_only(monkeypatch, folder)
+    for write in (lambda p: write_json_atomic(p, {"x": 1}), lambda p: write_csv_atomic(p, [{"x": 1}])):
+        with pytest.raises(OSError) as err:
+            write(folder / "splits.json")
+        assert err.value.filename == str(folder / "splits.json") and "Read-only" in err.value.strerror
+    with pytest.raises(OSError) as err:
+        with folder_lock(folder, "report"):
+            pass
+    assert err.value.filename == str(folder) and "Read-only" in err.value.strerror
+    assert list(folder.iterdir()) == []

@@ -16,7 +16,10 @@ the same table: OpenMOLE's ``CSVHook`` appends, and ``openmole$experiment`` rest
 last completed row counts, else the last row; the report says how many rows were superseded.
 
 A point is failed when its ``status`` is not ``ok``; without a ``status`` column, when ``exitCode`` (or
-``returnValue``) is non-zero; and in any case when every metric is NaN. Failed points are listed in the report,
+``returnValue``) is non-zero; and in any case when every metric is NaN. A row holding an impossible metric value
+(outside the metric's range, :func:`metric_range`: an AUC of -5; an infinity; text that is no number) is invalid:
+a one-line warning names the file, its line and the column, and the row counts as a failed point, none of its
+values averaged (one broken value says the row cannot be trusted). Failed points are listed in the report,
 never fatal. Means, standard deviations (ddof=1) and 95 % t-intervals of each metric are taken over a
 configuration's completed points with a finite value of that metric; an interval is clipped to the metric's range
 (:func:`metric_range`: an AUC's never leaves [0, 1]). Configurations are ranked by the mean of the ranking metric
@@ -45,6 +48,7 @@ from __future__ import annotations
 
 import csv
 import html
+import logging
 import math
 import os
 import re
@@ -57,8 +61,16 @@ from typing import Any
 import numpy as np
 
 from python_task.errors import ConfigError, TaskError
-from python_task.fileio import atomic_path, write_csv_atomic, write_text_atomic
+from python_task.fileio import (
+    atomic_path,
+    folder_lock,
+    remove_stale_temporaries,
+    write_csv_atomic,
+    write_text_atomic,
+)
 from python_task.training.metrics import CONTRACT_METRICS, RESULT_METRICS, aggregate, bootstrap_interval
+
+log = logging.getLogger(__name__)
 
 FACTOR_EXCLUDE = {"fold", "seed"}
 BOOKKEEPING = {"status", "error", "out_dir", "outdir", "exitcode", "returnvalue", "point_id", "pointid", "stdout",
@@ -102,6 +114,18 @@ def _to_float(value: Any) -> float:
     return v if math.isfinite(v) else math.nan
 
 
+def _metric_cell(value: str) -> float | str:
+    """A metric cell of a results table as read: a float (infinities kept, for :func:`_invalid_values` to refuse),
+    NaN when missing, or the text itself when it is no number."""
+    text = value.strip()
+    if text.lower() in MISSING:
+        return math.nan
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _parse_number(text: str) -> int | float | None:
     """``"3"`` -> 3, ``"1.0E-4"`` -> 0.0001 (OpenMOLE writes Scala doubles), anything else -> None."""
     try:
@@ -138,8 +162,9 @@ def _sniff_delimiter(header_line: str) -> str:
 
 
 def read_results(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Rows of a results table, typed: metrics as floats (NaN when missing), factors as int/float/str/None,
-    bookkeeping columns as strings. Each row also gets ``_line`` (its line number in the file).
+    """Rows of a results table, typed: metrics as floats (NaN when missing; an infinity, or text that is no number,
+    kept as read for the analysis to refuse), factors as int/float/str/None, bookkeeping columns as strings. Each
+    row also gets ``_line`` (its line number in the file).
 
     Raises :class:`TaskError` naming the file if it is missing, empty, not a text CSV, has no metric column, or has
     a row with more fields than the header (OpenMOLE does not quote values: a comma inside one breaks the row).
@@ -193,7 +218,7 @@ def read_results(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         values = [r[name] for r in raw]
         kind = column_kind(name)
         if kind == "metric":
-            typed[name] = [_to_float(v) for v in values]
+            typed[name] = [_metric_cell(v) for v in values]
         elif kind == "factor":
             typed[name] = _typed_factor_column(values)
         else:
@@ -217,6 +242,7 @@ class Point:
     failed: bool
     reason: str
     line: int | None
+    invalid: bool = False  # a metric value outside its range: failed, and named in a warning
 
 
 @dataclass
@@ -278,6 +304,32 @@ def _failure(row: Mapping[str, Any], metrics: Sequence[str]) -> tuple[bool, str]
     return False, ""
 
 
+def _invalid_values(row: Mapping[str, Any], metrics: Sequence[str]) -> list[str]:
+    """``column = value (why)`` for each metric value of ``row`` that no run can produce: outside the metric's
+    range (:func:`metric_range`), an infinity, or text that is no number. NaN (missing) is not invalid: an AUC is
+    undefined on a fold with one class."""
+    problems = []
+    for name in metrics:
+        value = row.get(name)
+        if value is None or isinstance(value, bool):
+            continue
+        if not isinstance(value, (int, float, np.integer, np.floating)):
+            parsed = _metric_cell(str(value))
+            if isinstance(parsed, str):
+                problems.append(f"{name} = {parsed!r} (not a number)")
+                continue
+            value = parsed
+        value = float(value)
+        if math.isnan(value):
+            continue
+        low, high = metric_range(name)
+        if not math.isfinite(value):
+            problems.append(f"{name} = {value} (not finite)")
+        elif not low <= value <= high:
+            problems.append(f"{name} = {_display(value)} (outside [{_display(low)}, {_display(high)}])")
+    return problems
+
+
 def _analyse(rows: Sequence[Mapping[str, Any]], metric: str) -> Analysis:
     columns = _columns(rows)
     metric_cols = [m for m in CONTRACT_METRICS if m in columns]
@@ -289,11 +341,13 @@ def _analyse(rows: Sequence[Mapping[str, Any]], metric: str) -> Analysis:
     config_factors = [f for f in factors if f not in FACTOR_EXCLUDE]
     points = []
     for row in rows:
-        failed, reason = _failure(row, metric_cols)
+        invalid = _invalid_values(row, metric_cols)
+        failed, reason = (True, "invalid: " + "; ".join(invalid)) if invalid else _failure(row, metric_cols)
         config = tuple(_norm_factor(row.get(f)) for f in config_factors)
         values = {m: (math.nan if failed else _to_float(row.get(m))) for m in metric_cols}
         line = row.get("_line")
-        points.append(Point(dict(row), config, values, failed, reason, line if isinstance(line, int) else None))
+        points.append(Point(dict(row), config, values, failed, reason, line if isinstance(line, int) else None,
+                            invalid=bool(invalid)))
     points, superseded = _latest_per_point(points)
     an = Analysis(metric, factors, config_factors, metric_cols, points, superseded=superseded)
     for p in points:
@@ -924,7 +978,7 @@ def _failed_html(an: Analysis, shown: Sequence[str]) -> str:
     header = ["line", *cols, "status", "error"]
     rows = []
     for p in failed:
-        status = str(p.row.get("status") or "")
+        status = "invalid" if p.invalid else str(p.row.get("status") or "")
         if not status:
             code = next((p.row.get(k) for k in ("exitCode", "returnValue") if p.row.get(k) not in (None, "")), None)
             status = f"exit code {code}" if code is not None else "failed"
@@ -952,7 +1006,11 @@ def _nan_html(an: Analysis, shown: Sequence[str]) -> str:
 def make_report(results_csv: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
                 metric: str = "val_patient_auc", tests: Sequence[str | os.PathLike[str]] = ()) -> Path:
     """Write ``summary.csv``, the PNG figures and ``report.html`` (last) into ``out_dir``; return the HTML path.
-    ``tests``: ``evaluate`` output folders, shown apart from the cross-validation ranking."""
+    ``tests``: ``evaluate`` output folders, shown apart from the cross-validation ranking.
+
+    Like every command, it holds ``out_dir``'s :func:`~python_task.fileio.folder_lock` while it writes (a second
+    report into the same folder is refused at once) and first deletes the temporary files a killed report left
+    there."""
     results_csv = Path(results_csv)
     out = Path(out_dir)
     rows = read_results(results_csv)
@@ -960,7 +1018,21 @@ def make_report(results_csv: str | os.PathLike[str], out_dir: str | os.PathLike[
         an = _analyse(rows, metric)
     except TaskError as exc:
         raise TaskError(results_csv, exc.cause) from None
-    out.mkdir(parents=True, exist_ok=True)
+    _warn_invalid_rows(an, results_csv)
+    with folder_lock(out, "report"):
+        remove_stale_temporaries(out)
+        return _write_report(an, results_csv, out, metric, tests)
+
+
+def _warn_invalid_rows(an: Analysis, results_csv: Path) -> None:
+    """One warning line per row of impossible metric values: the file, the line and the columns."""
+    for p in sorted((p for p in [*an.points, *an.superseded] if p.invalid), key=lambda p: p.line or 0):
+        log.warning("%s: line %s: %s: the row is left out of every statistic", results_csv, p.line or "?", p.reason)
+
+
+def _write_report(an: Analysis, results_csv: Path, out: Path, metric: str, tests: Sequence[str | os.PathLike[str]]) \
+        -> Path:
+    """summary.csv, the figures and report.html (last) of an analysed table, into ``out`` (locked by the caller)."""
     write_csv_atomic(out / "summary.csv", an.summary, fieldnames=summary_fieldnames(an))
 
     varying = an.varying_config_factors

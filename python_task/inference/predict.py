@@ -11,6 +11,13 @@ annotation outlines by class; see :mod:`python_task.inference.heatmap`),
 ``probabilities.npy`` (float32 grid, NaN where no tile; its geometry is in ``slide.json``), ``tiles.geojson``
 (one QuPath detection per tile with a ``malignant_probability`` measurement: QuPath's measurement maps show it)
 and ``slide.json`` (slide score, predicted diagnosis, tile counts, per-region and per-class means).
+
+The four outputs of one slide appear together or not at all (:func:`~python_task.fileio.atomic_paths`): they are
+written under temporary names and renamed only once all four are complete, ``slide.json`` last, so a predict
+killed part-way leaves the folder's previous outputs as they were (and hidden temporaries, deleted by the next
+run). One folder holds one slide: a folder whose ``slide.json`` names another slide is refused before any work
+(:func:`refuse_another_slide`), since a second slide sent to the same ``--out`` is far more often a mistyped
+folder than a wish to lose the first slide's heat-map; predicting the same slide again replaces its outputs.
 """
 
 from __future__ import annotations
@@ -33,10 +40,10 @@ from tqdm import tqdm
 
 from python_task.errors import ConfigError, SlideError, TaskError
 from python_task.fileio import (
-    atomic_path,
+    atomic_paths,
+    dumps_strict,
     folder_lock,
     remove_stale_temporaries,
-    write_json_atomic,
 )
 from python_task.inference.heatmap import draw_heatmap, format_probability
 from python_task.shards.params import ExtractParams
@@ -44,7 +51,7 @@ from python_task.training.calibration import Calibration
 from python_task.training.checkpoints import load_model
 from python_task.training.metrics import AGGREGATIONS, TileLayout, aggregate_tiles
 from python_task.training.scoring import predict_padded
-from python_task.transforms.stain import normalizer_from_dict
+from python_task.transforms.stain import read_normalizer
 from python_task.wsi.annotations import Region, place_regions, read_annotations
 from python_task.wsi.labels import DEFAULT_CLASSES
 from python_task.wsi.slides import Slide, TileReader, open_slide, thumbnail
@@ -55,6 +62,8 @@ TILING = ExtractParams()  # tissue and coverage thresholds, grid and reader defa
 DEFAULT_THRESHOLD = 0.5  # for a model whose run recorded no usable threshold
 HEATMAP_SIZE = 2048  # longer side of the thumbnail under the heat-map, px
 TILE_CLASS_COLORS = ((64, 160, 64), (200, 40, 40))  # tiles.geojson classes in QuPath: benign green, malignant red
+SUMMARY_NAME = "slide.json"  # written last: it names the slide the folder's outputs belong to
+OUTPUT_NAMES = ("probabilities.npy", "tiles.geojson", "heatmap.png", SUMMARY_NAME)  # the summary last
 
 
 @dataclass(frozen=True)
@@ -101,7 +110,7 @@ def load_bundle(model_path: str | os.PathLike[str]) -> ModelBundle:
         raise TaskError(config_path, f"unreadable calibration ({exc})") from None
     normalizer = None
     if resolved.get("stain_file"):
-        normalizer = normalizer_from_dict(json.loads((path.parent / resolved["stain_file"]).read_text()))
+        normalizer = read_normalizer(path.parent / resolved["stain_file"])
     try:
         model = load_model(path, compile=False)
     except Exception as exc:  # noqa: BLE001 - any loader failure is a bad model file for the user
@@ -259,8 +268,27 @@ def predict_slide(model_path: str | os.PathLike[str], slide_path: str | os.PathL
     out = Path(out_dir)
     with folder_lock(out, "predict"):
         remove_stale_temporaries(out)
+        refuse_another_slide(out, slide_path)
         return _predict(bundle, slide_path, out, annotations, slide_mpp, batch_size, min_tissue, min_coverage,
                         stride, offset, reader_name, progress, t0)
+
+
+def refuse_another_slide(out: Path, slide_path: str | os.PathLike[str]) -> None:
+    """A :class:`TaskError` naming ``out`` when it holds the outputs of another slide than ``slide_path`` (its
+    ``slide.json`` says which), or a ``slide.json`` that predict did not write; nothing when it holds none, or
+    this slide's (replaced by the new run)."""
+    summary_path = out / SUMMARY_NAME
+    if not summary_path.exists():
+        return
+    try:
+        previous = json.loads(summary_path.read_text(encoding="utf-8"))["slide_path"]
+        previous = os.fspath(previous)
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise TaskError(summary_path, f"not a predict summary ({type(exc).__name__}): this folder holds other "
+                                      "outputs; choose another `out`") from None
+    if Path(previous).resolve() != Path(slide_path).resolve():
+        raise TaskError(out, f"holds the predictions of another slide ({previous}): choose another `out` (one "
+                             "folder per slide), or remove the folder to replace them")
 
 
 def _predict(bundle: ModelBundle, slide_path: str | os.PathLike[str], out: Path,
@@ -283,15 +311,14 @@ def _predict(bundle: ModelBundle, slide_path: str | os.PathLike[str], out: Path,
         summary = slide_summary(plan, probs, bundle, slide, reader, regions)
         summary["seconds"] = time.perf_counter() - t0
         summary["tiles_per_second"] = len(probs) / summary["seconds"]
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out / "probabilities.npy") as tmp:
-            with open(tmp, "wb") as fh:
-                np.save(fh, grid)
-        write_json_atomic(out / "tiles.geojson", tiles_geojson(plan, probs, bundle.threshold, bundle.label_names),
-                          indent=None)
         title = (f"{Path(slide_path).name}: slide score {format_probability(summary['slide_score'])} -> "
                  f"{summary['predicted_diagnosis']} (threshold {format_probability(bundle.threshold)})")
-        thumb, ds = thumbnail(slide, HEATMAP_SIZE)
-        draw_heatmap(out / "heatmap.png", thumb, ds, grid, plan.step, regions, title, bundle.threshold)
-    write_json_atomic(out / "slide.json", summary)  # last: its presence means the outputs are complete
+        with atomic_paths([out / name for name in OUTPUT_NAMES]) as (npy, geojson, png, summary_tmp):
+            with open(npy, "wb") as fh:
+                np.save(fh, grid)
+            geojson.write_text(dumps_strict(tiles_geojson(plan, probs, bundle.threshold, bundle.label_names)) + "\n",
+                               encoding="utf-8")
+            thumb, ds = thumbnail(slide, HEATMAP_SIZE)
+            draw_heatmap(png, thumb, ds, grid, plan.step, regions, title, bundle.threshold)
+            summary_tmp.write_text(dumps_strict(summary, indent=2) + "\n", encoding="utf-8")
     return summary

@@ -566,3 +566,74 @@ def test_report_shows_a_test_set_evaluation_apart(tmp_path):
     text = html_path.read_text()
     assert "1 malignant and 1 benign patients" in text and "under Test set below (eval)" in text
     assert text.index('id="ranking"') < text.index('id="tests"')
+
+
+# --------------------------------------------------------------------------------------------- one writer, no
+#                                                                                               leftovers, no nonsense
+
+def test_report_holds_its_folder_and_removes_a_killed_reports_temporaries(tmp_path):
+    """A second writer of the report's folder is refused, as for every command; the temporaries a killed report
+    left (the hidden ``.NAME.XXXXXXXX.tmp`` of its atomic writes) are deleted by the next report."""
+    from python_task.errors import BusyError
+    from python_task.fileio import folder_lock
+
+    results = write_local(tmp_path / "results.csv")
+    out = tmp_path / "out"
+    out.mkdir()
+    with folder_lock(out, "report"):
+        with pytest.raises(BusyError, match="in use by another run") as err:
+            make_report(results, out)
+        assert err.value.path == str(out)
+    assert not (out / "report.html").exists()
+    left = [out / ".summary.csv.k1ll3d00.tmp", out / ".auc_by_arch.png.k1ll3d01.tmp"]
+    for path in left:
+        path.write_bytes(b"half-written")
+    make_report(results, out)
+    assert (out / "report.html").exists() and not any(p.exists() for p in left)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_impossible_metric_values_are_flagged_and_never_averaged(tmp_path, caplog):
+    """An AUC of -5 or inf, a Brier score above 1, text in a metric column: each such row is named in a one-line
+    warning (file, line, column) and counted as failed, none of its values averaged; NaN stays a missing value."""
+    import logging
+
+    path = tmp_path / "results.csv"
+    path.write_text("arch,fold,seed,status,val_auc,val_patient_auc,val_slide_brier\n"
+                    "a,0,0,ok,0.8,0.9,0.1\n"
+                    "a,1,0,ok,0.7,-5,0.2\n"        # line 3: impossible AUC
+                    "a,2,0,ok,0.75,inf,0.2\n"      # line 4: not finite
+                    "a,3,0,ok,0.6,0.85,1.5\n"      # line 5: a Brier score above 1
+                    "a,4,0,ok,abc,0.8,0.3\n"       # line 6: no number
+                    "a,5,0,ok,0.9,nan,0.1\n")      # missing patient AUC: a completed point
+    with caplog.at_level(logging.WARNING, logger="python_task"):
+        html = make_report(path, tmp_path / "out")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"{path}: line 3: invalid: val_patient_auc = -5 (outside [0, 1]): the row is left out of "
+                        "every statistic",
+                        f"{path}: line 4: invalid: val_patient_auc = inf (not finite): the row is left out of every "
+                        "statistic",
+                        f"{path}: line 5: invalid: val_slide_brier = 1.5 (outside [0, 1]): the row is left out of "
+                        "every statistic",
+                        f"{path}: line 6: invalid: val_auc = 'abc' (not a number): the row is left out of every "
+                        "statistic"]
+    (row,) = summarize(read_results(path))
+    assert (row["n_points"], row["n_completed"], row["n_failed"]) == (6, 2, 4)
+    assert row["val_patient_auc_mean"] == pytest.approx(0.9)  # line 7's NaN is missing, not invalid
+    assert row["val_auc_mean"] == pytest.approx(0.85) and row["val_slide_brier_mean"] == pytest.approx(0.1)
+    failed = _parse(html).tables["failed"]
+    assert [r[0] for r in failed[1:]] == ["3", "4", "5", "6"] and all(r[-2] == "invalid" for r in failed[1:])
+
+
+def test_a_read_only_output_folder_is_named_not_a_temporary_file(tmp_path, monkeypatch, capsys):
+    from python_task import cli
+    from tests.test_fileio import _read_only
+
+    results = write_local(tmp_path / "results.csv")
+    out = tmp_path / "ro"
+    out.mkdir()
+    _read_only(monkeypatch, out)
+    assert cli.main(["report", str(results), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {out}: cannot write in this output folder (Read-only file system)"]
+    assert list(out.iterdir()) == []

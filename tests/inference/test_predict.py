@@ -217,3 +217,51 @@ def test_bad_inputs(trained_model, val_jobs, tmp_path, shared_data):
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert proc.returncode == 1 and len(errors) == 1 and "broken.svs" in errors[0]
     assert not (tmp_path / "o" / "slide.json").exists()
+
+
+def _contents(folder) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_folder_holding_another_slides_outputs_is_refused_and_left_whole(trained_model, val_jobs, predicted):
+    """One folder per slide: predicting a second slide into the first one's folder is refused before any work
+    (most likely a mistyped --out), naming the folder and the slide it holds; nothing there changes."""
+    from tests.conftest import cli_line
+
+    first, second = val_jobs[0], val_jobs[1]
+    out = predicted[first.slide_id][2]
+    before = _contents(out)
+    with pytest.raises(TaskError, match="holds the predictions of another slide") as err:
+        predict_slide(trained_model, second.slide_path, out, annotations=second.annotation_path, progress=False)
+    assert err.value.path == str(out) and str(first.slide_path) in err.value.cause
+    assert cli_line(err.value) == (f"error: {out}: holds the predictions of another slide ({first.slide_path}): "
+                                   "choose another --out (one folder per slide), or remove the folder to replace them")
+    assert _contents(out) == before
+
+
+def test_an_interrupted_predict_leaves_the_previous_outputs_whole(trained_model, val_jobs, predicted, tmp_path,
+                                                                  monkeypatch):
+    """A predict of the same slide (here: the whole slide, where the first run scored its annotations) stopped
+    while drawing the heat-map leaves the four earlier outputs as they were, with no temporary behind; run to
+    the end, it replaces all four."""
+    import shutil
+
+    from python_task.inference import predict
+
+    job = val_jobs[0]
+    out = tmp_path / "out"
+    shutil.copytree(predicted[job.slide_id][2], out)
+    before = _contents(out)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # a Ctrl-C (or a kill) arriving part-way
+
+    with monkeypatch.context() as patch:
+        patch.setattr(predict, "draw_heatmap", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            predict_slide(trained_model, job.slide_path, out, progress=False)
+    assert _contents(out) == before
+    summary = predict_slide(trained_model, job.slide_path, out, progress=False)
+    assert "regions" not in summary and json.loads((out / "slide.json").read_text())["n_tiles"] == summary["n_tiles"]
+    assert np.isfinite(np.load(out / "probabilities.npy")).sum() == summary["n_tiles"]
+    assert sorted(p.name for p in out.iterdir()) == ["heatmap.png", "probabilities.npy", "slide.json", "tiles.geojson"]
