@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from python_task.errors import EXIT_OUT_OF_MEMORY, ErrorList, TaskError, is_out_of_memory
+from python_task.experiments import plan_limits
 from python_task.runtime import PARENT_PID_ENV, exit_with_parent, filter_native_notices
 from python_task.shards.params import CODECS, ExtractParams
 from python_task.synth.config import SynthConfig
@@ -168,8 +169,9 @@ def _add_split(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_split(args: argparse.Namespace) -> int:
-    from python_task.data.splits import make_splits, write_splits
+    from python_task.data.splits import check_splits_output, make_splits, write_splits
 
+    check_splits_output(args.out, args.shards)  # before anything is made: --out must not replace an input
     splits = make_splits(args.shards, args.folds, seed=args.seed, tune_fraction=args.tune_fraction,
                          test_fraction=args.test_fraction)
     write_splits(splits, args.out)
@@ -239,6 +241,11 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("plan", type=Path, help="PLAN.yaml (shards, splits, factors, fixed, optional random)")
     p.add_argument("--out", required=True, type=Path, help="output folder: results.csv and points/")
     p.add_argument("--jobs", type=int, default=1, help="points run in parallel (default 1)")
+    p.add_argument("--max-points", type=int, default=plan_limits.MAX_POINTS,
+                   help=f"refuse a plan of more points (default {plan_limits.MAX_POINTS})")
+    p.add_argument("--max-plan-nodes", type=int, default=plan_limits.MAX_PLAN_NODES,
+                   help=f"refuse a plan whose YAML holds more values, aliases written out "
+                        f"(default {plan_limits.MAX_PLAN_NODES})")
     p.add_argument("--overwrite", action="store_true",
                    help="let a plan with other shards, splits or fixed settings replace the folder's earlier results")
     p.set_defaults(handler=_run_sweep)
@@ -247,7 +254,8 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
 def _run_sweep(args: argparse.Namespace) -> int:
     from python_task.experiments.sweep import run_sweep
 
-    report = run_sweep(args.plan, args.out, jobs=args.jobs, overwrite=args.overwrite)
+    report = run_sweep(args.plan, args.out, jobs=args.jobs, overwrite=args.overwrite, max_points=args.max_points,
+                       max_plan_nodes=args.max_plan_nodes)
     print(f"results written: {report.results_csv}")
     return 1 if report.failed else 0
 

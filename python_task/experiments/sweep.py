@@ -42,6 +42,7 @@ import logging
 import math
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import threading
@@ -55,9 +56,11 @@ import yaml
 
 from python_task.data.splits import read_splits
 from python_task.errors import ConfigError, ErrorList, TaskError
+from python_task.experiments.plan_limits import MAX_PLAN_NODES, MAX_POINTS
 from python_task.fileio import (
     folder_lock,
     nan_for_null,
+    open_for_writing,
     remove_stale_temporaries,
     write_csv_atomic,
     write_json_atomic,
@@ -89,15 +92,15 @@ class Plan:
         return names + [k for k in self.fixed if k not in names]
 
 
-def load_plan(path: str | os.PathLike[str]) -> Plan:
-    """Read and check a plan; every key must be a ``train`` option."""
+def load_plan(path: str | os.PathLike[str], *, max_points: int = MAX_POINTS,
+              max_plan_nodes: int = MAX_PLAN_NODES) -> Plan:
+    """Read and check a plan; every key must be a ``train`` option. A plan of more than ``max_points`` points, or
+    whose YAML holds more than ``max_plan_nodes`` nodes with its aliases written out, is refused before anything
+    is built from it (:class:`ConfigError` naming the plan and the setting)."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(None, "plan not found", path=path) from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(None, f"not a readable YAML plan ({' '.join(str(exc).split())})", path=path) from None
+    _check_limit("max_points", max_points)
+    _check_limit("max_plan_nodes", max_plan_nodes)
+    data = _read_yaml(path, max_plan_nodes)
     if not isinstance(data, dict):
         raise ConfigError(None, "a plan is a YAML mapping with shards, splits, factors and fixed", path=path)
     for key in ("shards", "splits"):
@@ -119,7 +122,92 @@ def load_plan(path: str | os.PathLike[str]) -> Plan:
                 factors=factors, fixed=fixed, random=random)
     _check_keys(plan)
     _normalise(plan)
+    _check_size(plan, max_points)
     return plan
+
+
+def _check_limit(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(name, f"must be a whole number of at least 1, got {value!r}")
+
+
+class _TooManyNodes(Exception):
+    """A YAML document whose nodes, aliases written out, pass the bound."""
+
+
+class _CountingLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that counts, while it composes the document, the nodes it would hold with every alias
+    written out (an alias counts as many nodes as its anchor's subtree), and stops past ``max_nodes``: a document
+    of nested aliases is refused long before anything is built from it, in the memory of the nodes read so far."""
+
+    def __init__(self, stream: Any, max_nodes: int) -> None:
+        super().__init__(stream)
+        self.max_nodes = max_nodes
+        self.expanded = 0
+        self.sizes: dict[int, int] = {}  # id of a composed node -> its subtree's size, aliases written out
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            node = super().compose_node(parent, index)
+            if id(node) not in self.sizes:  # the anchor is still open: the alias lies inside it, without end
+                raise yaml.composer.ComposerError(None, None, "an alias refers to the node that holds it", mark)
+            self._count(self.sizes[id(node)])
+            return node
+        before = self.expanded
+        node = super().compose_node(parent, index)
+        self._count(1)
+        self.sizes[id(node)] = self.expanded - before
+        return node
+
+    def _count(self, n: int) -> None:
+        self.expanded += n
+        if self.expanded > self.max_nodes:
+            raise _TooManyNodes(f"more than {self.max_nodes:,} YAML nodes with its aliases written out")
+
+
+def _read_yaml(path: Path, max_nodes: int) -> Any:
+    """The plan's YAML document, read as a stream from a regular file (a FIFO or a device is refused before it is
+    read) and composed under the node bound of :class:`_CountingLoader`."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # non-blocking: opening a FIFO does not wait for a writer
+    except FileNotFoundError:
+        raise ConfigError(None, "plan not found", path=path) from None
+    except OSError as exc:
+        raise ConfigError(None, f"not a readable YAML plan ({exc.strerror or exc})", path=path) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError(None, "not a readable YAML plan (not a regular file)", path=path)
+    with open(fd, encoding="utf-8") as stream:
+        loader = _CountingLoader(stream, max_nodes)
+        try:
+            return loader.get_single_data()
+        except _TooManyNodes as exc:
+            raise ConfigError("max_plan_nodes", f"{exc} (an alias counts as every value it stands for): write "
+                              "fewer values, or raise `max_plan_nodes`", path=path) from None
+        except (OSError, UnicodeDecodeError, RecursionError, yaml.YAMLError) as exc:
+            raise ConfigError(None, f"not a readable YAML plan ({' '.join(str(exc).split()) or type(exc).__name__})",
+                              path=path) from None
+        finally:
+            loader.dispose()
+
+
+def count_points(plan: Plan) -> int:
+    """The number of points :func:`expand_points` gives, from the number of levels of each factor (and of random
+    draws), without building any."""
+    n_draws = int(plan.random.get("n", 1)) if plan.random else 1
+    return math.prod(len(levels) for levels in plan.factors.values()) * n_draws
+
+
+def _check_size(plan: Plan, max_points: int) -> None:
+    """Refuse a plan of more than ``max_points`` points before any is built or checked."""
+    n = count_points(plan)
+    if n > max_points:
+        sizes = [f"{len(levels):,} {key}" for key, levels in plan.factors.items()]
+        if plan.random:
+            sizes.append(f"{int(plan.random['n']):,} random draws")
+        raise ConfigError("max_points", f"{n:,} points ({' x '.join(sizes)}), more than the {max_points:,} a sweep "
+                          "may run: use fewer levels, or raise `max_points`", path=plan.path)
 
 
 def option_value(option: TrainOption, value: Any) -> Any:
@@ -370,7 +458,7 @@ def run_point(plan: Plan, point: dict[str, Any], out_dir: Path, threads: int) ->
            "OMP_NUM_THREADS": str(threads), "TF_CPP_MIN_LOG_LEVEL": "2",
            PARENT_PID_ENV: str(os.getpid())}  # the point ends if the sweep is killed
     t0 = time.perf_counter()
-    with open(folder / "train.log", "w", encoding="utf-8") as log:
+    with open_for_writing(folder / "train.log") as log:  # never through a link planted there
         proc = subprocess.run(train_command(plan, point, folder), stdout=log, stderr=subprocess.STDOUT, env=env)
     wall = time.perf_counter() - t0
     rel = os.path.relpath(folder, out_dir)
@@ -407,11 +495,13 @@ def read_results(path: Path) -> list[dict[str, Any]]:
 
 
 def run_sweep(plan_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, jobs: int = 1,
-              progress: bool = True, overwrite: bool = False) -> SweepReport:
-    """Run every unfinished point of a plan; returns the full results table. The plan is checked in full first;
-    ``out_dir``'s lock is held throughout; ``overwrite`` lets a plan with other shards, split or fixed settings
-    replace the folder's results (the points of the earlier runs are deleted)."""
-    plan = load_plan(plan_path)
+              progress: bool = True, overwrite: bool = False, max_points: int = MAX_POINTS,
+              max_plan_nodes: int = MAX_PLAN_NODES) -> SweepReport:
+    """Run every unfinished point of a plan; returns the full results table. The plan is checked in full first
+    (its size first of all: ``max_points``, ``max_plan_nodes``, see :func:`load_plan`); ``out_dir``'s lock is held
+    throughout; ``overwrite`` lets a plan with other shards, split or fixed settings replace the folder's results
+    (the points of the earlier runs are deleted)."""
+    plan = load_plan(plan_path, max_points=max_points, max_plan_nodes=max_plan_nodes)
     for path, what in ((plan.shards, "shards folder"), (plan.splits, "splits file")):
         if not path.exists():
             raise ConfigError(None, f"{what} {path} not found", path=plan.path)

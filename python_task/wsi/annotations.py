@@ -29,6 +29,7 @@ from the positive regions they overlap and are not returned themselves.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import dataclasses
 import functools
@@ -38,6 +39,7 @@ import json
 import logging
 import math
 import os
+import stat
 import threading
 import xml.etree.ElementTree as ET
 import zipfile
@@ -53,7 +55,7 @@ from shapely import affinity
 from shapely.geometry import MultiPolygon, Point, Polygon, box
 from shapely.geometry.base import BaseGeometry
 
-from python_task.errors import AnnotationError
+from python_task.errors import AnnotationError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +80,10 @@ _QUPATH_LEGACY_IDS = frozenset({"PathAnnotationObject", "PathDetectionObject", "
 # Machine output (e.g. predict's tiles.geojson), returned as regions only with ``include_detections``.
 _QUPATH_DETECTIONS = frozenset({"detection", "cell", "tile"})
 QUPATH_CLASS_DELIMITER = ":"  # PathClass.DELIMITER: "Tumor: Positive" is the class Positive derived from Tumor
-# A compressed annotation file may not unpack to more than this (a damaged or hostile archive must not fill memory).
-MAX_UNPACKED_BYTES = 2 << 30
+# The most bytes an annotation file may hold, and a compressed one unpack to: parsing takes about ten times as much
+# memory, and a damaged or hostile file must not fill it. PYTHON_TASK_MAX_ANNOTATION_BYTES overrides.
+MAX_ANNOTATION_BYTES = 512 << 20
+MAX_ANNOTATION_BYTES_ENV = "PYTHON_TASK_MAX_ANNOTATION_BYTES"
 
 
 @dataclass(frozen=True)
@@ -121,7 +125,7 @@ class _Invalid(Exception):
 
 def detect_format(path: str | Path) -> str:
     """Return ``'qupath'``, ``'asap'`` or ``'imagescope'`` from the file's content; AnnotationError otherwise."""
-    return _load(Path(path))[0]
+    return _load_bounded(Path(path))[0]
 
 
 def read_annotations(path: str | Path, *, include_detections: bool = False) -> list[Region]:
@@ -135,7 +139,7 @@ def read_annotations(path: str | Path, *, include_detections: bool = False) -> l
     or holds no polygonal annotation at all.
     """
     path = Path(path)
-    fmt, content = _load(path)
+    fmt, content = _load_bounded(path)
     skipped: Counter[str] = Counter()
     try:
         if fmt == "qupath":
@@ -226,33 +230,71 @@ def place_regions(regions: Sequence[Region], width: int, height: int, *, offset:
 _FORMAT_NAMES = {"qupath": "QuPath GeoJSON", "asap": "ASAP XML", "imagescope": "Aperio ImageScope XML"}
 
 
+def _load_bounded(path: Path) -> tuple[str, Any]:
+    """:func:`_load`, with an allocation that fails blamed on the annotation file (not on the slide it goes with)."""
+    try:
+        return _load(path)
+    except MemoryError:
+        raise AnnotationError(path, "out of memory while reading this annotation file: simplify or split it "
+                              f"(its size is bounded by {MAX_ANNOTATION_BYTES_ENV})") from None
+
+
 def _load(path: Path) -> tuple[str, Any]:
     """Read ``path`` and return its format with the parsed document (JSON object or XML root element); a gzip file
     or a ZIP archive is unpacked first."""
-    data = _read_bytes(path)
+    limit = max_annotation_bytes()
+    data = _read_bytes(path, limit)
     if data.startswith(_GZIP_MAGIC):
-        return _parse_bytes(path, _gunzip(path, data), packed=True)
+        return _parse_bytes(path, _gunzip(path, data, limit), packed=True)
     if data.startswith(_ZIP_MAGIC):
-        return _load_zip(path, data)
+        return _load_zip(path, data, limit)
     return _parse_bytes(path, data)
+
+
+def max_annotation_bytes() -> int:
+    """The most bytes an annotation file may hold or unpack to: :data:`MAX_ANNOTATION_BYTES`, or the whole number
+    of bytes ``PYTHON_TASK_MAX_ANNOTATION_BYTES`` gives (``ConfigError`` naming it when that is not one)."""
+    text = os.environ.get(MAX_ANNOTATION_BYTES_ENV, "").strip()
+    if not text:
+        return MAX_ANNOTATION_BYTES
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value.is_integer() and value >= 1):
+        raise ConfigError(MAX_ANNOTATION_BYTES_ENV, f"must be a positive whole number of bytes, got {text!r}")
+    return int(value)
+
+
+def _too_large(path: Path, what: str, limit: int) -> AnnotationError:
+    return AnnotationError(path, f"{what} more than the {_size(limit)} an annotation file may hold: simplify or split "
+                           f"it, or raise {MAX_ANNOTATION_BYTES_ENV} (bytes)")
+
+
+def _size(n: int) -> str:
+    """``512 MiB``, ``1.5 GiB``, ``100 bytes``: a byte count as messages show it."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.4g} {unit}"
+    return f"{n} bytes"
 
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # an archive with entries, an empty archive
 
 
-def _gunzip(path: Path, data: bytes) -> bytes:
+def _gunzip(path: Path, data: bytes, limit: int) -> bytes:
     try:
         with gzip.GzipFile(fileobj=io.BytesIO(data)) as fh:
-            out = fh.read(MAX_UNPACKED_BYTES + 1)
+            out = fh.read(limit + 1)
     except (OSError, EOFError, ValueError) as exc:  # BadGzipFile is an OSError; a truncated stream an EOFError
         raise AnnotationError(path, f"damaged gzip file ({exc})") from None
-    if len(out) > MAX_UNPACKED_BYTES:
-        raise AnnotationError(path, f"gzip file unpacks to more than {MAX_UNPACKED_BYTES >> 30} GiB")
+    if len(out) > limit:
+        raise _too_large(path, "gzip file unpacks to", limit)
     return out
 
 
-def _load_zip(path: Path, data: bytes) -> tuple[str, Any]:
+def _load_zip(path: Path, data: bytes, limit: int) -> tuple[str, Any]:
     """A ZIP archive, as QuPath's export writes it (one ``<name>.geojson`` entry) or holding several files: every
     entry that is an annotation file is read; GeoJSON entries are merged, in archive order. An archive of XML
     files must hold exactly one."""
@@ -264,12 +306,12 @@ def _load_zip(path: Path, data: bytes) -> tuple[str, Any]:
         total = 0
         for info in entries:
             with archive.open(info) as fh:
-                content = fh.read(MAX_UNPACKED_BYTES + 1 - total)
+                content = fh.read(limit + 1 - total)
             total += len(content)
-            if total > MAX_UNPACKED_BYTES:
-                raise AnnotationError(path, f"ZIP archive unpacks to more than {MAX_UNPACKED_BYTES >> 30} GiB")
+            if total > limit:
+                raise _too_large(path, "ZIP archive unpacks to", limit)
             if content.startswith(_GZIP_MAGIC):
-                content = _gunzip(path, content)
+                content = _gunzip(path, content, limit)
             try:
                 fmt, doc = _parse_bytes(path, content)
             except AnnotationError as exc:
@@ -296,15 +338,14 @@ def _load_zip(path: Path, data: bytes) -> tuple[str, Any]:
 
 
 def _parse_bytes(path: Path, data: bytes, packed: bool = False) -> tuple[str, Any]:
-    """The format and parsed document of an annotation file's bytes."""
-    head = data[3:] if data.startswith(b"\xef\xbb\xbf") else data
-    head = head.lstrip()
-    if not head:
+    """The format and parsed document of an annotation file's bytes (UTF-8 or UTF-16, with or without a byte-order
+    mark: the JSON and XML parsers read the encoding from the bytes themselves)."""
+    first = _first_character(data)
+    if not first:
         raise AnnotationError(path, "empty file")
-    first = head[:1]
-    if first in (b"{", b"["):
+    if first in ("{", "["):
         return "qupath", _load_geojson(path, data)
-    if first == b"<":
+    if first == "<":
         root = _load_xml(path, data)
         tag = _local(root.tag)
         if tag == "ASAP_Annotations":
@@ -316,15 +357,57 @@ def _parse_bytes(path: Path, data: bytes, packed: bool = False) -> tuple[str, An
                           "nor XML)")
 
 
-def _read_bytes(path: Path) -> bytes:
+_BLANK = " \t\r\n\ufeff"  # what may come before a document's first character (a byte-order mark, whitespace)
+
+
+def _first_character(data: bytes) -> str:
+    """The first character that is not blank, in the encoding the first bytes show (a byte-order mark, or the
+    zero bytes of UTF-16 and UTF-32 text, as ``json.detect_encoding`` and the XML spec's appendix F read them);
+    ``""`` for a blank file."""
+    decoder = codecs.getincrementaldecoder(json.detect_encoding(data[:4]))(errors="replace")
+    step = 1 << 16
+    for start in range(0, len(data), step):
+        text = decoder.decode(data[start:start + step]).lstrip(_BLANK)
+        if text:
+            return text[0]
+    return ""
+
+
+def _check_regular_file(path: Path, status: os.stat_result, limit: int) -> int:
+    """The size of a regular file within the limit; AnnotationError for anything else."""
+    if stat.S_ISDIR(status.st_mode):
+        raise AnnotationError(path, "is a directory, not an annotation file")
+    if not stat.S_ISREG(status.st_mode):
+        raise AnnotationError(path, "not a regular file (a device, FIFO or socket): give the annotation file itself")
+    if status.st_size > limit:
+        raise _too_large(path, f"{_size(status.st_size)},", limit)
+    return status.st_size
+
+
+def _read_bytes(path: Path, limit: int) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes. Anything else is refused before it is read: a
+    device (``/dev/zero`` never ends), a FIFO (it waits for a writer for ever), a directory, a larger file."""
     try:
-        return path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # non-blocking: opening a FIFO does not wait for a writer
     except FileNotFoundError:
         raise AnnotationError(path, "file not found") from None
-    except IsADirectoryError:
-        raise AnnotationError(path, "is a directory, not an annotation file") from None
     except OSError as exc:
         raise AnnotationError(path, f"cannot read: {exc.strerror or exc}") from None
+    try:
+        size = _check_regular_file(path, os.fstat(fd), limit)
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as fh:
+        try:
+            data = fh.read(size)  # a read of `limit` bytes would reserve them all at once
+            while len(data) <= limit and (more := fh.read(min(1 << 20, limit + 1 - len(data)))):
+                data += more  # the file grew since it was measured (or, like /proc's, has no size)
+        except OSError as exc:
+            raise AnnotationError(path, f"cannot read: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise _too_large(path, "the file is", limit)
+    return data
 
 
 def _load_geojson(path: Path, data: bytes) -> Any:
@@ -489,12 +572,24 @@ def _ring(points: Iterable[Any], where: str) -> list[tuple[float, float]]:
 
 def _polygon(shell: list[tuple[float, float]], holes: Sequence[list[tuple[float, float]]] = (),
              where: str = "a region") -> BaseGeometry:
-    """A repaired polygon, or an empty one when the shell cannot enclose any area."""
+    """A repaired polygon, or an empty one when the shell cannot enclose any area.
+
+    A polygon whose rings are valid together is kept as it is. Otherwise its shell and its holes are repaired
+    apart and the holes cut out of the shell: a hole only ever removes area, the part of it outside the shell
+    none. (Repairing the rings together, ``make_valid`` adds a hole lying outside its shell to the area.)"""
     _check_vertices(len(shell) + sum(map(len, holes)), where)
     if len(set(shell)) < 3:
         return Polygon()
     holes = [h for h in holes if len(set(h)) >= 3]
-    return _polygonal(Polygon(shell, holes), where)
+    polygon = Polygon(shell, holes)
+    if not holes or polygon.is_valid:
+        return _polygonal(polygon, where)
+    area = _polygonal(Polygon(shell), where)
+    cut = [part for part in (_polygonal(Polygon(hole), where) for hole in holes) if not part.is_empty]
+    if area.is_empty or not cut:
+        return area
+    merged = _bounded(lambda: shapely.unary_union(cut), polygon, where, "merging its holes")
+    return _subtract(area, _polygonal(merged, where), where)
 
 
 def _subtract(positive: BaseGeometry, negative: BaseGeometry | None, where: str = "a region") -> BaseGeometry:

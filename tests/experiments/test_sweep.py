@@ -169,3 +169,65 @@ def test_one_sweep_per_folder_and_its_settings_are_kept(tmp_path, synth_shards, 
     assert not (out / "points").exists() and not (out / "results.csv").exists()
     assert json.loads((out / "sweep.json").read_text())["fixed"] == {"epochs": 2}
     sweep._check_settings(other, out, overwrite=False)  # the same settings again: fine
+
+
+def _bare_plan(tmp_path, text: str = "", **extra) -> object:
+    """A plan whose shards and splits need not exist: its size is refused before they are looked at."""
+    plan = {"shards": "shards", "splits": "splits.json", "factors": {"arch": ["simple_cnn"], "fold": [0]}}
+    plan.update(extra)
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan) + text)
+    return path
+
+
+def test_a_plan_of_nested_aliases_is_refused_while_it_is_read(tmp_path):
+    """Six levels of ten aliases stand for 10⁶ values in 600 bytes (nine filled 5.8 GB before a MemoryError)."""
+    from python_task.errors import ConfigError
+
+    anchors = ["  - &a0 [flip, flip, flip, flip, flip, flip, flip, flip, flip, flip]"]
+    anchors += [f"  - &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 6)]
+    bomb = "description:\n" + "\n".join(anchors) + "\nfixed:\n  augment: *a5\n"
+    path = _bare_plan(tmp_path, bomb)
+    with pytest.raises(ConfigError, match="more than 100,000 YAML nodes with its aliases written out") as err:
+        load_plan(path)
+    assert err.value.path == str(path) and err.value.setting == "max_plan_nodes"
+    assert "`max_plan_nodes`" in err.value.cause and "\n" not in str(err.value)
+    loop = _bare_plan(tmp_path, "fixed:\n  augment: &loop [flip, *loop]\n")
+    with pytest.raises(ConfigError, match="not a readable YAML plan .*an alias refers to the node that holds it"):
+        load_plan(loop)
+    lrs = tmp_path / "lrs.yaml"
+    lrs.write_text("shards: shards\nsplits: splits.json\ndescription: &lrs [0.001, 0.01]\n"
+                   "factors: {arch: [simple_cnn], fold: [0], lr: *lrs}\n")
+    assert load_plan(lrs).factors["lr"] == [0.001, 0.01]  # aliases within the bound read as before
+
+
+def test_a_plan_with_too_many_points_is_refused_from_its_factor_sizes(tmp_path):
+    """1,000 seeds x 1,000 learning rates: refused at once, before a point is built (it took 13 minutes of
+    checking)."""
+    from python_task.errors import ConfigError
+
+    path = _bare_plan(tmp_path, factors={"arch": ["simple_cnn"], "fold": [0], "seed": list(range(1000)),
+                                         "lr": [round(1e-4 * (1 + i), 6) for i in range(1000)]})
+    with pytest.raises(ConfigError, match=r"1,000,000 points \(1 arch x 1 fold x 1,000 lr x 1,000 seed\), more "
+                                          r"than the 10,000 a sweep may run") as err:
+        load_plan(path)
+    assert err.value.path == str(path) and err.value.setting == "max_points" and "`max_points`" in err.value.cause
+    from python_task.experiments.sweep import count_points
+
+    assert count_points(load_plan(path, max_points=10**6)) == 10**6
+    draws = _bare_plan(tmp_path, random={"n": 20_000, "factors": {"dropout": {"uniform": [0.0, 0.5]}}})
+    with pytest.raises(ConfigError, match=r"20,000 points \(1 arch x 1 fold x 20,000 random draws\)"):
+        load_plan(draws)
+
+
+def test_cli_names_the_plan_size_flags(tmp_path):
+    path = _bare_plan(tmp_path, factors={"arch": ["simple_cnn"], "fold": [0, 1]})
+    for flag, value, needle in (("--max-points", "1", "2 points (1 arch x 2 fold), more than the 1 a sweep may "
+                                                      "run: use fewer levels, or raise --max-points"),
+                                ("--max-plan-nodes", "5", "more than 5 YAML nodes with its aliases written out (an "
+                                                          "alias counts as every value it stands for): write fewer "
+                                                          "values, or raise --max-plan-nodes")):
+        proc = subprocess.run([sys.executable, "-m", "python_task", "sweep", str(path), "--out", str(tmp_path / "o"),
+                               flag, value], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1 and proc.stderr.splitlines()[-1] == f"error: {path}: {needle}", proc.stderr
+        assert not (tmp_path / "o").exists()

@@ -509,3 +509,90 @@ def test_a_repair_past_its_time_budget_names_the_file_and_the_region(tmp_path: P
     bow_tie = [[0, 0], [10, 10], [10, 0], [0, 10], [0, 0]]  # GEOS is not left interrupted for the next repair
     doc = [_feature({"type": "Polygon", "coordinates": [bow_tie]}, classification={"name": "CCA"})]
     assert read_annotations(_write(tmp_path, "bowtie.json", json.dumps(doc)))[0].geometry.area == 50
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Bounded reading: regular files of a limited size only; encodings; holes outside their shell
+
+
+def test_only_a_regular_file_is_read(tmp_path: Path) -> None:
+    """A device never ends (``/dev/zero`` filled 23 GB) and a FIFO waits for a writer for ever: both are refused
+    before a byte is read."""
+    fifo = tmp_path / "annotations.fifo"
+    os.mkfifo(fifo)
+    for path in (Path("/dev/zero"), fifo):
+        with pytest.raises(TaskError, match="not a regular file") as excinfo:
+            read_annotations(path)
+        _assert_one_line_error(excinfo, path)
+
+
+def test_an_annotation_file_above_the_size_limit_is_refused(tmp_path: Path, monkeypatch) -> None:
+    import gzip
+
+    doc = json.dumps([_feature({"type": "Polygon", "coordinates": [_square(0, 0, 10)]}, name="CCA")])
+    path = _write(tmp_path, "big.geojson", doc + " " * 500)
+    packed = _write(tmp_path, "big.geojson.gz", gzip.compress((doc + " " * 500).encode()))
+    assert len(packed.read_bytes()) < 500
+    monkeypatch.setenv("PYTHON_TASK_MAX_ANNOTATION_BYTES", "500")
+    for refused, cause in ((path, r"\d+ bytes, more than the 500 bytes an annotation file may hold"),
+                           (packed, "gzip file unpacks to more than the 500 bytes")):
+        with pytest.raises(TaskError, match=cause) as excinfo:
+            read_annotations(refused)
+        _assert_one_line_error(excinfo, refused)
+        assert "PYTHON_TASK_MAX_ANNOTATION_BYTES" in str(excinfo.value)
+    assert read_annotations(_write(tmp_path, "small.geojson", doc))[0].class_name == "CCA"
+    monkeypatch.setenv("PYTHON_TASK_MAX_ANNOTATION_BYTES", "lots")
+    with pytest.raises(TaskError, match="must be a positive whole number of bytes") as excinfo:
+        read_annotations(path)
+    assert excinfo.value.setting == "PYTHON_TASK_MAX_ANNOTATION_BYTES"
+
+
+def test_out_of_memory_while_parsing_blames_the_annotation_file(tmp_path: Path, monkeypatch) -> None:
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+
+    path = _write(tmp_path, "huge.geojson", json.dumps([_feature({"type": "Polygon",
+                                                                  "coordinates": [_square(0, 0, 10)]})]))
+    monkeypatch.setattr(json, "loads", out_of_memory)
+    with pytest.raises(TaskError, match="out of memory while reading this annotation file") as excinfo:
+        read_annotations(path)
+    _assert_one_line_error(excinfo, path)
+
+
+def test_utf16_and_bom_xml_is_read(tmp_path: Path) -> None:
+    """ASAP and ImageScope XML as Windows tools save it: a byte-order mark, then UTF-16 (or UTF-8) text whose
+    declaration names that encoding; GeoJSON the same way."""
+    for codec, bom in (("utf-16-le", b"\xff\xfe"), ("utf-16-be", b"\xfe\xff"), ("utf-8", b"\xef\xbb\xbf")):
+        declared = "UTF-16" if codec.startswith("utf-16") else "UTF-8"
+        declaration = f'<?xml version="1.0" encoding="{declared}"?>\n'
+        asap_xml = ASAP_XML.replace("{exclusion}", "_2").replace('<?xml version="1.0"?>\n', declaration)
+        asap = _write(tmp_path, f"asap-{codec}.xml", bom + asap_xml.encode(codec))
+        assert [r.name for r in read_annotations(asap)] == ["rect", "spline", "loose"], codec
+        imagescope = _write(tmp_path, f"imagescope-{codec}.xml", bom + (declaration + IMAGESCOPE_XML).encode(codec))
+        regions = read_annotations(imagescope)
+        assert [r.class_name for r in regions] == ["CCA", "CCA", "benign", "Tumor"], codec
+        assert regions[0].geometry.area == pytest.approx(100 * 100 - 10 * 10)
+        geojson = json.dumps([_feature({"type": "Polygon", "coordinates": [_square(0, 0, 1)]}, name="a")])
+        assert read_annotations(_write(tmp_path, f"{codec}.geojson", bom + geojson.encode(codec)))[0].class_name == "a"
+
+
+def test_a_hole_outside_its_shell_adds_no_area_and_no_tile(tmp_path: Path) -> None:
+    """A 500 x 500 px region with a "hole" drawn beside it: 250,000 px², 25 tiles of 100 px (not the 1,096,400
+    px² and 106 tiles of the hole's area added)."""
+    from python_task.wsi.labels import LabelledRegion
+    from python_task.wsi.tiling import GridSpec, plan_tiles
+
+    outside, across = _square(1000, 1000, 920), _square(400, 400, 200)
+    doc = [_feature({"type": "Polygon", "coordinates": [_square(0, 0, 500), outside]}, name="malignant"),
+           _feature({"type": "Polygon", "coordinates": [_square(3000, 0, 500), across]}, name="across"),
+           _feature({"type": "MultiPolygon", "coordinates": [[_square(0, 3000, 500), outside]]}, name="multi")]
+    regions = read_annotations(_write(tmp_path, "holes.geojson", json.dumps(doc)))
+    assert [r.geometry.area for r in regions] == [250_000, 250_000, 250_000]
+    assert all(r.geometry.is_valid for r in regions)
+    across_shell = _write(tmp_path, "across.geojson", json.dumps(
+        [_feature({"type": "Polygon", "coordinates": [_square(0, 0, 500), _square(400, 400, 200)]})]))
+    assert read_annotations(across_shell)[0].geometry.area == 250_000 - 100 * 100  # only its part inside cuts
+    grid = GridSpec(extent=100.0, step=100.0, width=2000, height=2000)
+    labelled = [LabelledRegion(region=regions[0], label=1, target="malignant")]
+    plan = plan_tiles(labelled, grid, None, min_coverage=0.5, min_tissue=0.0, n_classes=2)
+    assert len(plan) == 25 and plan.coords.max() < 500
