@@ -28,6 +28,8 @@ from python_task.shards.format import (
     check_labels,
     decode_tile,
     list_shards,
+    odd_shard_cause,
+    odd_shards,
     read_encoded_rows,
     reading,
 )
@@ -106,13 +108,14 @@ def build_index(shards_dir: str | os.PathLike[str], slide_ids: Sequence[str] | N
                              "damaged; extract the slide again")
         if manifest is not None and info.slide_id in manifest:
             check_counts(path, labels, info.label_names, manifest[info.slide_id], manifest_path)
-        if infos and (info.label_names != infos[0].label_names or info.tile_size != infos[0].tile_size):
-            raise ShardError(path, f"label names {list(info.label_names)} / tile size {info.tile_size} differ from "
-                            f"{infos[0].path.name} ({list(infos[0].label_names)} / {infos[0].tile_size})")
         infos.append(info)
         n = len(labels)
         parts.append((np.full(n, k, np.int32), np.arange(n, dtype=np.int64), labels,
                       np.full(n, info.slide_id, dtype=object), np.full(n, info.patient_id, dtype=object), coords))
+    odd = odd_shards(infos)
+    if odd:  # named by the setting most shards share, so the odd one out is blamed, not the first one read
+        info, example = odd[0]
+        raise ShardError(info.path, odd_shard_cause(info, example, len(infos) - len(odd)))
     cols = [np.concatenate([p[i] for p in parts]) for i in range(5)]
     coords = np.concatenate([p[5] for p in parts]).reshape(-1, 2)
     return TileIndex(infos, cols[0], cols[1], cols[2], cols[3].astype(str), cols[4].astype(str), coords)

@@ -12,7 +12,9 @@ and writes, in ``out``:
 * ``test_predictions.csv``: one row per test tile, as ``predictions.csv``;
 * ``evaluation.json``: the model, its run, the split and the test patients.
 
-It refuses a model whose run fitted or tuned on a test patient (its ``config.json`` lists which patients served
+It refuses a split whose test patients are also in one of its folds, or among the run's validation patients; a
+model trained at another µm/px or tile size than the test shards hold (``resolved`` ``mpp`` and ``tile_size``
+of its ``config.json``); a model whose run fitted or tuned on a test patient (its ``config.json`` lists which patients served
 for what; a run from before tuning sets chose its epoch on its validation patients, so those count too), a split
 without a test set, and a split made from other shards. An ``out`` that already holds the evaluation of this
 model returns it without predicting again; one that holds another model's is refused. One run writes to
@@ -62,6 +64,48 @@ def used_patients(config: dict, slides: dict[str, str]) -> dict[str, set[str]]:
     return used
 
 
+def check_test_set_apart(data: dict, config: dict, splits: Path) -> None:
+    """Refuse a split whose test patients (or test slides) are also in a fold, or among the patients the run
+    validated on: scores on them would not be held-out figures."""
+    test = set(data.get("test_patients", []))
+    test_slides = set(data.get("test_slides", []))
+    for i, fold in enumerate(data["folds"]):
+        for key in ("train", "tune", "val"):
+            patients = (test & set(fold.get(f"{key}_patients", []))) | {
+                data["slides"].get(s, s) for s in test_slides & set(fold.get(f"{key}_slides", []))}
+            if patients:
+                raise TaskError(splits, f"test patient {sorted(patients)[0]} is also in fold {i}'s {key}_patients "
+                                "(or slides): a test patient must be in no fold; make the split again")
+    resolved = config.get("resolved", {})
+    validated = set(resolved.get("val_patients", [])) | {data["slides"].get(s, s)
+                                                          for s in resolved.get("val_slides", [])}
+    leaked = sorted(validated & test)
+    if leaked:
+        raise TaskError(splits, f"test patient {leaked[0]} was a validation patient of the model's run: this split "
+                        "is not the one the model was trained on; evaluate with the run's split")
+
+
+def check_scale(resolved: dict, model_path: Path, rows: list[dict], test_slides: list[str], shards: Path) -> None:
+    """Refuse test shards cut at another µm/px or tile size than the model was trained on (its config.json's
+    ``resolved`` ``mpp`` and ``tile_size``; the manifest's ``mpp`` and ``tile_size`` columns)."""
+    try:
+        want = (int(resolved["tile_size"]), float(resolved["mpp"]))
+    except (KeyError, TypeError, ValueError):
+        return  # a run that recorded neither: the tile size is checked on the tiles, in _score
+    wanted = set(test_slides)
+    for row in rows:
+        if row["slide_id"] not in wanted or not row.get("tile_size") or not row.get("mpp"):
+            continue
+        try:
+            have = (int(row["tile_size"]), float(row["mpp"]))
+        except ValueError:
+            continue
+        if have[0] != want[0] or abs(have[1] - want[1]) > 1e-6 * max(1.0, want[1]):
+            raise TaskError(shards, f"the test shards ({row['shard']} ...) hold {have[0]}-px tiles at {have[1]:g} "
+                            f"µm/px, the model {model_path} was trained on {want[0]}-px tiles at {want[1]:g} µm/px: "
+                            "extract the test slides with the model's `tile_size` and `mpp`")
+
+
 def evaluate_model(model_path: str | os.PathLike[str], shards: str | os.PathLike[str],
                    splits: str | os.PathLike[str], out: str | os.PathLike[str], *, batch_size: int = 64,
                    workers: int = 2) -> dict[str, float]:
@@ -85,7 +129,10 @@ def evaluate_model(model_path: str | os.PathLike[str], shards: str | os.PathLike
     if not test_patients:
         raise TaskError(splits, "has no test patients: make the split with `test_fraction` (split --test-fraction "
                         "0.2) and train on it")
-    check_shard_set(data, read_manifest(shards), splits, shards)
+    rows = read_manifest(shards)
+    check_shard_set(data, rows, splits, shards)
+    check_test_set_apart(data, config, splits)
+    check_scale(config.get("resolved", {}), model_path, rows, test_slides, shards)
     used = used_patients(config, data["slides"])
     for role, ids in used.items():
         leaked = sorted(ids & set(test_patients))

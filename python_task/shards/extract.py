@@ -13,7 +13,13 @@ parameters its shards were made with (``extract.json``): a run with other parame
 A worker process that dies (the out-of-memory killer, a crash in a C library) fails only its slide: the pool is
 started again for the slides not yet done, the slides that were running when it died are retried one at a time,
 and a slide whose worker dies again is failed and listed with the others. Workers end when the main process
-does, however it ends.
+does, however it ends. A pool whose workers die before any slide starts is started again, up to
+:data:`POOL_STARTS` times in a row, before the slides left are failed.
+
+A full disk (or quota) is the folder's problem, not a slide's: the first slide that meets it stops the run (no
+new slide is started), the unfinished shard is removed, the manifest lists the shards finished, and the run
+ends with one error naming the folder. A shard found from an earlier run is kept only when it was made from the
+same cohort row (patient, diagnosis, slide and annotation files): a corrected row is extracted again.
 """
 
 from __future__ import annotations
@@ -40,12 +46,20 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from python_task.errors import AnnotationError, ConfigError, ShardError, SlideError, TaskError
 from python_task.fileio import folder_lock, remove_stale_temporaries, write_json_atomic
 from python_task.runtime import exit_with_parent
-from python_task.shards.format import ShardVersionError, ShardWriter, list_shards, shard_path
+from python_task.shards.format import (
+    NO_SPACE_ERRNOS,
+    NoSpaceError,
+    ShardInfo,
+    ShardVersionError,
+    ShardWriter,
+    list_shards,
+    shard_path,
+)
 from python_task.shards.manifest import MANIFEST_NAME, write_manifest
 from python_task.shards.params import ExtractParams
 from python_task.shards.verify import check_shard
 from python_task.wsi.annotations import place_regions, read_annotations
-from python_task.wsi.cohort import SlideJob
+from python_task.wsi.cohort import SlideJob, check_job_ids
 from python_task.wsi.labels import label_regions, load_label_map
 from python_task.wsi.slides import TileReader, open_slide
 from python_task.wsi.tiling import GridSpec, TilePlan, describe_drops, plan_tiles
@@ -55,6 +69,7 @@ log = logging.getLogger(__name__)
 
 WRITE_BATCH = 128  # tiles read, then appended to the shard, at a time
 SETTINGS_NAME = "extract.json"  # the parameters a folder's shards are made with
+POOL_STARTS = 3  # pools in a row whose workers all die before any slide starts, before the slides are failed
 
 DEFAULT_PARAMS = ExtractParams()
 
@@ -67,6 +82,7 @@ class SlideResult:
     n_tiles: int = 0
     seconds: float = 0.0
     counts: dict[str, int] = field(default_factory=dict)
+    no_space: tuple[str, str] | None = None  # the output folder is full (the folder, why): the run stops
 
 
 @dataclass
@@ -152,6 +168,10 @@ def write_plan(reader: TileReader, plan: TilePlan, path: Path, params: ExtractPa
                               plan.tissue[sl])
                 bar.update(stop - start)
     except (OSError, RuntimeError) as exc:  # reads are turned into SlideError above: what is left is writing
+        code = getattr(exc, "errno", None)
+        if code in NO_SPACE_ERRNOS:
+            raise NoSpaceError(path.parent, f"{write_cause(exc)} while writing {path.name} (the unfinished shard is "
+                               "removed)") from None
         raise ShardError(path, f"cannot be written: {write_cause(exc)}") from None
     finally:
         bar.close()
@@ -192,8 +212,27 @@ def _existing_shard_status(job: SlideJob, out_dir: Path, params: ExtractParams) 
         return None, f"the shard found was damaged ({exc.cause}): extracted again"
     if info.params != json.loads(json.dumps(params.shard_params())):
         raise ShardError(path, "shard exists but was made with other parameters; use `overwrite` or another `out`")
+    changed = row_changes(info, job)
+    if changed:
+        path.unlink(missing_ok=True)
+        return None, f"the shard found was made from another cohort row ({changed}): extracted again"
     return SlideResult(job.slide_id, "skipped", f"{job.slide_id}: shard exists ({info.n_tiles} tiles), skipped",
                        n_tiles=info.n_tiles), ""
+
+
+def row_changes(info: ShardInfo, job: SlideJob) -> str:
+    """How the cohort row a shard was made from (its attributes) differs from ``job`` ("" when it does not): a
+    corrected patient or diagnosis must reach the shard, and so the manifest and the splits. Files are compared by
+    name, not by path: a cohort folder moved, or read from another working directory, keeps its shards."""
+    def same_file(stored: str, now: Path) -> bool:
+        return Path(stored).name == Path(now).name
+
+    changes = [f"{name} {old!r} there, {new!r} now" for name, old, new in (
+        ("patient_id", info.patient_id, job.patient_id), ("diagnosis", info.diagnosis, job.diagnosis)) if old != new]
+    changes += [f"{name} {old} there, {new} now" for name, old, new in (
+        ("slide_path", info.slide_path, job.slide_path), ("annotation_path", info.annotation_path,
+                                                           job.annotation_path)) if not same_file(old, new)]
+    return "; ".join(changes)
 
 
 Runner = Callable[[SlideJob, Path, ExtractParams, bool, bool], SlideResult]
@@ -212,6 +251,9 @@ def _run_job(job: SlideJob, out_dir: Path, params: ExtractParams, overwrite: boo
         if note:
             result.message = f"{result.message} ({note})"
         return result
+    except NoSpaceError as exc:
+        return SlideResult(job.slide_id, "failed", str(exc), seconds=time.perf_counter() - start,
+                           no_space=(str(exc.path), exc.cause))
     except TaskError as exc:
         return SlideResult(job.slide_id, "failed", str(exc), seconds=time.perf_counter() - start)
     except Exception as exc:  # noqa: BLE001 - one bad slide must not stop the cohort
@@ -222,14 +264,18 @@ def _run_job(job: SlideJob, out_dir: Path, params: ExtractParams, overwrite: boo
 
 def extract_cohort(jobs: Sequence[SlideJob], out_dir: str | os.PathLike[str], params: ExtractParams = DEFAULT_PARAMS,
                    *, workers: int = 1, overwrite: bool = False, progress: bool = True,
-                   _runner: Runner = _run_job) -> ExtractReport:
+                   _runner: Runner = _run_job, _worker_start: Callable[[], None] | None = None) -> ExtractReport:
     """Extract every slide; write ``manifest.csv``; log a line per slide and the failures at the end.
 
     Holds ``out_dir``'s lock for the whole run (:class:`~python_task.errors.BusyError` when another run holds it).
-    ``_runner`` (tests only) replaces the per-slide job run in the worker processes."""
+    A full output folder ends the run with a :class:`NoSpaceError` naming it, after the manifest of the shards
+    finished. ``_runner`` and ``_worker_start`` (tests only) replace the per-slide job run in the worker
+    processes and add a step to each worker's start."""
     params.validate()
     if workers < 1:
         raise ConfigError("workers", f"must be at least 1, got {workers}")
+    for job in jobs:  # ids name files: none may lead outside ``out_dir`` (a cohort table checks its own rows)
+        check_job_ids(job)
     out = Path(out_dir)
     label_map = load_label_map(params.labels)  # a bad labels file fails once, before any slide
     with folder_lock(out, "extract"):
@@ -245,7 +291,7 @@ def extract_cohort(jobs: Sequence[SlideJob], out_dir: str | os.PathLike[str], pa
             line = result.message if result.status != "failed" else f"FAILED {result.slide_id}: {result.message}"
             if result.status == "done":
                 line += f" [{result.seconds:.1f} s]"
-            if progress and (result.status != "failed" or len(jobs) > 1):
+            if progress and (result.status != "failed" or len(jobs) > 1) and result.no_space is None:
                 log.info("%s", line)
             bar.update(1)
 
@@ -253,8 +299,10 @@ def extract_cohort(jobs: Sequence[SlideJob], out_dir: str | os.PathLike[str], pa
             if workers == 1 or len(jobs) == 1:
                 for job in jobs:
                     record(_runner(job, out, params, overwrite, progress and len(jobs) == 1))
+                    if results[-1].no_space is not None:
+                        break
             else:
-                _run_parallel(jobs, out, params, overwrite, workers, record, _runner)
+                _run_parallel(jobs, out, params, overwrite, workers, record, _runner, _worker_start)
         bar.close()
         remove_stale_temporaries(out)  # every writer is done: what a dead worker left is stale
         manifest = None
@@ -263,14 +311,28 @@ def extract_cohort(jobs: Sequence[SlideJob], out_dir: str | os.PathLike[str], pa
             try:
                 manifest = write_manifest(out, params=recorded, problems=left_out)
             except OSError as exc:
-                raise ShardError(out / MANIFEST_NAME, f"cannot be written: {write_cause(exc)}") from None
+                if not any(r.no_space is not None for r in results):  # else the full folder is the error
+                    raise ShardError(out / MANIFEST_NAME, f"cannot be written: {write_cause(exc)}") from None
     report = ExtractReport(results=sorted(results, key=lambda r: r.slide_id), manifest=manifest,
                            left_out=[str(e) for e in left_out])
+    _raise_if_out_of_space(report, len(jobs))
     if len(jobs) == 1 and report.failed:
         raise TaskError(None, report.failed[0].message)  # a single slide: just its one-line error
     if progress:
         _log_closing(report)
     return report
+
+
+def _raise_if_out_of_space(report: ExtractReport, n_jobs: int) -> None:
+    """The folder filled up: one :class:`NoSpaceError` naming it, with what was finished and kept."""
+    full = next((r for r in report.results if r.no_space is not None), None)
+    if full is None:
+        return
+    folder, cause = full.no_space  # type: ignore[misc]
+    done = sum(r.status != "failed" for r in report.results)
+    kept = f"{report.manifest} lists them" if report.manifest is not None else "no manifest written"
+    raise NoSpaceError(folder, f"{cause}; {done} of {n_jobs} slides have a shard ({kept}): free some space, or "
+                       "choose another `out`, and run extract again (it resumes)")
 
 
 def _check_settings(out: Path, params: ExtractParams, label_names: list[str], overwrite: bool) -> dict[str, Any]:
@@ -309,9 +371,11 @@ def _differences(theirs: dict[str, Any], mine: dict[str, Any]) -> str:
 
 # --------------------------------------------------------------------------------------------- worker processes
 
-def _worker_init(parent_pid: int) -> None:
+def _worker_init(parent_pid: int, start: Callable[[], None] | None = None) -> None:
     """In each worker process: end when the main process ends, however it ends (no orphan left running)."""
     exit_with_parent(parent_pid)
+    if start is not None:
+        start()
 
 
 def _marked(runner: Runner, index: int, marks: str, job: SlideJob, out: Path, params: ExtractParams,
@@ -323,50 +387,70 @@ def _marked(runner: Runner, index: int, marks: str, job: SlideJob, out: Path, pa
 
 
 def _run_parallel(jobs: Sequence[SlideJob], out: Path, params: ExtractParams, overwrite: bool, workers: int,
-                  record: Callable[[SlideResult], None], runner: Runner) -> None:
+                  record: Callable[[SlideResult], None], runner: Runner,
+                  worker_start: Callable[[], None] | None = None) -> None:
     """Every job in a pool of ``workers`` processes that survives a dead worker (see the module doc)."""
     queue = list(range(len(jobs)))  # run in the shared pool
     suspects: list[int] = []  # running when a worker died: each retried alone, once
+    failed_starts = 0  # pools in a row whose workers died before any slide started
     with tempfile.TemporaryDirectory(prefix="python_task-extract-") as marks:
         while queue or suspects:
             alone = not queue
             batch = queue if queue else [suspects.pop(0)]
-            done, running, waiting, death = _pool_round(jobs, batch, 1 if alone else workers, out, params,
-                                                         overwrite, record, runner, marks)
+            outcome = _pool_round(jobs, batch, 1 if alone else workers, out, params, overwrite, record, runner,
+                                  marks, worker_start)
+            if outcome.out_of_space:
+                return  # no new slide: each would meet the full disk too
             if alone:
-                for i in running + waiting:
+                for i in outcome.running + outcome.waiting:
                     record(SlideResult(jobs[i].slide_id, "failed", f"{jobs[i].slide_path}: the worker process "
-                                       f"extracting this slide died ({death}), on its first try and again alone: "
-                                       "it needs more memory than the machine has, or crashes the slide reader"))
+                                       f"extracting this slide died ({outcome.death}), on its first try and again "
+                                       "alone: it needs more memory than the machine has, or crashes the slide "
+                                       "reader"))
                 continue
-            if death is None:
+            if outcome.death is None:
                 queue = []
                 continue
-            log.warning("a worker process died, %s, while extracting %s: the pool is started again; %s retried "
-                        "one at a time", death, ", ".join(jobs[i].slide_id for i in running) or "no slide",
-                        "they are" if len(running) != 1 else "it is")
-            if not done and not running:  # nothing ran: the workers themselves cannot start
-                for i in waiting:
+            nothing_ran = not outcome.done and not outcome.running
+            failed_starts = failed_starts + 1 if nothing_ran else 0
+            if failed_starts >= POOL_STARTS:  # the workers themselves cannot start: no slide is to blame
+                for i in outcome.waiting:
                     record(SlideResult(jobs[i].slide_id, "failed", f"{jobs[i].slide_path}: worker processes could not "
-                                       f"start ({death})"))
+                                       f"start ({outcome.death}; {POOL_STARTS} pools in a row)"))
                 queue = []
                 continue
-            suspects += running
-            queue = waiting
+            log.warning("a worker process died, %s, while extracting %s: the pool is started again%s",
+                        outcome.death, ", ".join(jobs[i].slide_id for i in outcome.running) or "no slide",
+                        "" if nothing_ran else "; " + ("they are" if len(outcome.running) != 1 else "it is")
+                        + " retried one at a time")
+            suspects += outcome.running
+            queue = outcome.waiting
+
+
+@dataclass
+class _PoolOutcome:
+    """How one pool's round ended: indexes into the jobs finished, running when a worker died and not started,
+    how the dead worker died (None if none did), and whether a slide found the output folder full."""
+
+    done: list[int]
+    running: list[int]
+    waiting: list[int]
+    death: str | None
+    out_of_space: bool = False
 
 
 def _pool_round(jobs: Sequence[SlideJob], batch: list[int], workers: int, out: Path, params: ExtractParams,
-                overwrite: bool, record: Callable[[SlideResult], None], runner: Runner, marks: str
-                ) -> tuple[list[int], list[int], list[int], str | None]:
-    """Run ``batch`` (indexes into ``jobs``) in a new pool until done or until a worker dies. Returns the indexes
-    finished, running when the pool broke, and not started, and how the dead worker died (None if none did)."""
+                overwrite: bool, record: Callable[[SlideResult], None], runner: Runner, marks: str,
+                worker_start: Callable[[], None] | None = None) -> _PoolOutcome:
+    """Run ``batch`` (indexes into ``jobs``) in a new pool until done, until a worker dies, or until a slide finds
+    the output folder full (the slides not started then are cancelled)."""
     for name in os.listdir(marks):
         os.unlink(os.path.join(marks, name))
     ctx = mp.get_context("spawn")
     done: list[int] = []
-    broken = False
+    broken = full = False
     pool = cf.ProcessPoolExecutor(max_workers=min(workers, len(batch)), mp_context=ctx, initializer=_worker_init,
-                                  initargs=(os.getpid(),))
+                                  initargs=(os.getpid(), worker_start))
     try:
         futures = {pool.submit(_marked, runner, i, marks, jobs[i], out, params, overwrite): i for i in batch}
         processes = list(getattr(pool, "_processes", {}).values())  # to tell afterwards how a worker died
@@ -376,16 +460,22 @@ def _pool_round(jobs: Sequence[SlideJob], batch: list[int], workers: int, out: P
             except cf.process.BrokenProcessPool:
                 broken = True
                 continue
+            except cf.CancelledError:
+                continue
             done.append(futures[fut])
             record(result)
+            if result.no_space is not None and not full:
+                full = True
+                for other in futures:
+                    other.cancel()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-    if not broken:
-        return done, [], [], None
+    if full or not broken:
+        return _PoolOutcome(done, [], [], None, out_of_space=full)
     started = {int(name) for name in os.listdir(marks)}
     running = [i for i in batch if i in started and i not in done]
     waiting = [i for i in batch if i not in started and i not in done]
-    return done, running, waiting, _how_it_died(processes)
+    return _PoolOutcome(done, running, waiting, _how_it_died(processes))
 
 
 def _how_it_died(processes: list[Any]) -> str:

@@ -16,11 +16,19 @@ it (``locking="best-effort"``, which HDF5 treats as the same setting), so a user
 hold one shard open in the same process; where locking fails (NFS or Lustre without a lock service, a shard
 another process holds locked, or one already open without locking in this process) it reads without locking:
 shards are immutable once renamed into place.
+
+Writing goes through :class:`GuardedFile` (h5py's file-object driver) rather than HDF5's own POSIX driver: HDF5
+does not survive a failed write (a full disk, a quota): its metadata cache is left half-flushed, closing the file
+fails, and freeing the objects of that file later crashes the process (SIGSEGV, measured with HDF5 1.14.6 on a
+full tmpfs). The guard keeps what the operating system refuses in memory instead, so HDF5 finishes and closes
+the file normally; the writer then reports the refusal (:class:`NoSpaceError` for a full disk) and deletes the
+temporary file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import zlib
@@ -83,6 +91,90 @@ class ShardVersionError(ShardError):
     """A shard written by a newer version of the program: not damaged, only unreadable here."""
 
 
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # a full disk, or the user's quota
+
+
+class NoSpaceError(ShardError):
+    """The output folder ran out of space (or quota) while a shard was written: ``path`` is the folder. Not the
+    slide's fault, and every other slide would meet it too."""
+
+
+class GuardedFile:
+    """The file a shard is written through (h5py's ``fileobj`` driver), which never lets HDF5 see a failed write.
+
+    After the first write the operating system refuses (``error``), this write and every later one are kept in
+    memory (``held``) and reads see them, so HDF5's state stays consistent and it closes the file normally; the
+    caller checks ``error`` and discards the file. What is held is bounded by what HDF5 writes after the failure:
+    the rest of one batch and the file's metadata."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0))
+        self._pos = 0
+        self._size = 0
+        self.error: OSError | None = None
+        self.held: list[tuple[int, bytes]] = []
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._size}[whence]
+        self._pos = base + pos
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def write(self, data: bytes | memoryview) -> int:
+        view = memoryview(data).cast("B")
+        written = 0
+        if self.error is None:
+            try:
+                while written < len(view):
+                    written += os.pwrite(self._fd, view[written:], self._pos + written)
+            except OSError as exc:
+                self.error = exc
+        if written < len(view):
+            self.held.append((self._pos + written, bytes(view[written:])))
+        self._pos += len(view)
+        self._size = max(self._size, self._pos)
+        return len(view)
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        view = memoryview(buffer).cast("B")
+        n = len(view)
+        data = os.pread(self._fd, n, self._pos)
+        view[:len(data)] = data
+        view[len(data):] = bytes(n - len(data))  # beyond the end of what reached the disk: zeros, as HDF5's POSIX driver
+        for offset, data in self.held:
+            lo, hi = max(offset, self._pos), min(offset + len(data), self._pos + n)
+            if lo < hi:
+                view[lo - self._pos:hi - self._pos] = data[lo - offset:hi - offset]
+        self._pos += n
+        return n
+
+    def read(self, size: int = -1) -> bytes:
+        buffer = bytearray(max(0, self._size - self._pos) if size < 0 else size)
+        self.readinto(buffer)
+        return bytes(buffer)
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self._pos if size is None else size
+        self._size = size
+        self.held = [(o, d[:max(0, size - o)]) for o, d in self.held if o < size]
+        if self.error is None:
+            try:
+                os.ftruncate(self._fd, size)
+            except OSError as exc:
+                self.error = exc
+        return size
+
+    def flush(self) -> None:
+        """Nothing to do: writes go straight to the file descriptor."""
+
+    def close(self) -> None:
+        os.close(self._fd)
+        self.held = []
+
+
 @dataclass(frozen=True)
 class ShardInfo:
     """The file attributes of a shard, typed."""
@@ -100,6 +192,7 @@ class ShardInfo:
     downsample: float
     n_tiles: int
     params: dict[str, Any]
+    annotation_path: str = ""
 
 
 class ShardWriter:
@@ -119,7 +212,13 @@ class ShardWriter:
         self._attrs = attrs
         self._atomic = atomic_path(self.path)
         self._tmp = self._atomic.__enter__()
-        self._file = h5py.File(self._tmp, "w", locking=False)
+        self._guard: GuardedFile | None = None
+        try:
+            self._guard = GuardedFile(self._tmp)
+            self._file = h5py.File(self._guard, "w")
+        except BaseException:
+            self._discard()
+            raise
         self._n = 0
         self._create_datasets()
         self._create_checksums()
@@ -180,29 +279,60 @@ class ShardWriter:
         f["coverage"][start:stop] = coverage
         f["tissue"][start:stop] = tissue
         self._n = stop
+        self._raise_refused_write()
+
+    def _raise_refused_write(self) -> None:
+        """A write the operating system refused (see :class:`GuardedFile`): :class:`NoSpaceError` naming the
+        folder for a full disk or quota, else the ``OSError`` itself, naming the shard."""
+        error = self._guard.error if self._guard is not None else None
+        if error is None:
+            return
+        code = error.errno or 0
+        if code in NO_SPACE_ERRNOS:
+            raise NoSpaceError(self.path.parent, f"{os.strerror(code).lower()} (errno {code}) while writing "
+                               f"{self.path.name} (the unfinished shard is removed)")
+        raise OSError(code, error.strerror or str(error), str(self.path))
 
     def close(self) -> Path:
-        """Write the attributes, close and rename into place."""
+        """Write the attributes, close and rename into place (on any failure: delete the temporary file)."""
+        try:
+            return self._finish()
+        except BaseException:
+            self.abort()
+            raise
+
+    def _finish(self) -> Path:
         attrs = dict(self._attrs)
         attrs.update(codec=self.codec, tile_size=self.tile_size, format_version=FORMAT_VERSION, n_tiles=self._n)
         for key, value in attrs.items():
             if isinstance(value, (dict, list, tuple)):
                 value = dumps_strict(value)
             self._file.attrs[key] = value
-        self._file.close()
+        self._file.close()  # the guard saw every write HDF5 made at closing: check them before the rename
+        self._raise_refused_write()
+        self._guard.close()  # type: ignore[union-attr]
+        self._guard = None
         self._atomic.__exit__(None, None, None)
         return self.path
 
     def abort(self) -> None:
         """Close and delete the temporary file."""
         try:
-            self._file.close()
+            if self._file.id.valid:
+                self._file.close()
         finally:
-            err = RuntimeError("shard writing aborted")
-            try:
-                self._atomic.__exit__(type(err), err, None)
-            except RuntimeError:
-                pass
+            self._discard()
+
+    def _discard(self) -> None:
+        """Release the guard's file descriptor and delete the temporary file."""
+        if self._guard is not None:
+            self._guard.close()
+            self._guard = None
+        err = RuntimeError("shard writing aborted")
+        try:
+            self._atomic.__exit__(type(err), err, None)
+        except RuntimeError:
+            pass
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -307,12 +437,16 @@ def shard_info_from_file(f: h5py.File, path: Path) -> ShardInfo:
         raise ShardVersionError(path, f"written in shard format {int(version)}, newer than this program reads "
                          f"({FORMAT_VERSION}): update python_task")
     try:
+        names = json.loads(_attr_str(a, "label_names", "[]"))
+        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"label_names {names!r} is not a JSON list of class names")
         return ShardInfo(
             path=path, slide_id=_attr_str(a, "slide_id"), patient_id=_attr_str(a, "patient_id"),
             slide_path=_attr_str(a, "slide_path"), diagnosis=_attr_str(a, "diagnosis"), codec=_attr_str(a, "codec"),
-            label_names=tuple(json.loads(_attr_str(a, "label_names", "[]"))), tile_size=int(a["tile_size"]),
+            label_names=tuple(names), tile_size=int(a["tile_size"]),
             mpp=float(a["mpp"]), level=int(a["level"]), downsample=float(a["downsample"]),
-            n_tiles=int(f["labels"].shape[0]), params=json.loads(_attr_str(a, "params", "{}")))
+            n_tiles=int(f["labels"].shape[0]), params=json.loads(_attr_str(a, "params", "{}")),
+            annotation_path=_attr_str(a, "annotation_path"))
     except KeyError as exc:
         raise ShardError(path, f"not a tile shard: missing {exc}") from None
     except (OSError, RuntimeError, ValueError) as exc:
@@ -438,6 +572,35 @@ def _vlen_memory_type(dtype: np.dtype) -> h5t.TypeID:
 
 def _strictly_increasing(a: np.ndarray) -> bool:
     return bool(np.all(np.diff(a) > 0))
+
+
+def tile_setting(info: ShardInfo) -> tuple[tuple[str, ...], int, float]:
+    """What the shards one model learns from must share: classes, tile size and µm/px."""
+    return info.label_names, info.tile_size, round(info.mpp, 6)
+
+
+def describe_setting(info: ShardInfo) -> str:
+    return f"tile size {info.tile_size} px, {info.mpp:g} µm/px, classes {', '.join(info.label_names)}"
+
+
+def odd_shards(infos: Sequence[ShardInfo]) -> list[tuple[ShardInfo, ShardInfo]]:
+    """The shards whose :func:`tile_setting` differs from the one most shards share (ties: the first shard's),
+    each with a shard of that common setting: the odd one out is named, never the good ones."""
+    if not infos:
+        return []
+    counts: dict[tuple, int] = {}
+    for info in infos:
+        counts[tile_setting(info)] = counts.get(tile_setting(info), 0) + 1
+    common = max(counts, key=lambda key: (counts[key], key == tile_setting(infos[0])))
+    example = next(info for info in infos if tile_setting(info) == common)
+    return [(info, example) for info in infos if tile_setting(info) != common]
+
+
+def odd_shard_cause(odd: ShardInfo, example: ShardInfo, n_common: int) -> str:
+    """Why ``odd`` does not belong with the others (one line)."""
+    return (f"{describe_setting(odd)}, where {n_common} other shard{'s' * (n_common != 1)} ({example.path.name}"
+            f"{', ...' if n_common > 1 else ''}) hold {describe_setting(example)}: a folder holds shards of one "
+            "setting; extract this slide again with the folder's settings, or move the shard away")
 
 
 def shard_path(out_dir: str | os.PathLike[str], slide_id: str) -> Path:

@@ -1,7 +1,8 @@
 """The shards folder's ``manifest.csv``: one row per finished shard, with its tile counts per class.
 
 Columns: ``slide_id``, ``patient_id``, ``diagnosis``, ``shard`` (file name), ``n_tiles``, one ``n_<class>`` per
-class, then ``codec``, ``tile_size``, ``mpp``. ``extract`` rewrites it from the shards present; ``split`` and
+class, then ``codec``, ``tile_size``, ``mpp`` and ``slide_path`` (the slide file the shard was cut from, as the
+cohort gave it). ``extract`` rewrites it from the shards present; ``split`` and
 ``train`` read it back, checked (:func:`read_manifest`), and identify the shard set by :func:`manifest_digest`.
 """
 
@@ -62,7 +63,7 @@ def _manifest_row(path: Path, params: Mapping[str, Any] | None) -> dict[str, Any
                            "diagnosis": info.diagnosis, "shard": path.name, "n_tiles": info.n_tiles}
     for name, count in zip(info.label_names, counts):
         row[f"n_{name}"] = int(count)
-    row.update(codec=info.codec, tile_size=info.tile_size, mpp=round(info.mpp, 6))
+    row.update(codec=info.codec, tile_size=info.tile_size, mpp=round(info.mpp, 6), slide_path=info.slide_path)
     return row
 
 
@@ -132,7 +133,22 @@ def read_manifest(shards_dir: str | Path) -> list[dict]:
         raise ShardError(path, f"cannot be read as CSV: {exc}") from exc
     if not rows:
         raise ShardError(path, "lists no slide (did extract find any tile?): nothing to split")
+    _check_one_patient_per_file(path, rows)
     return rows
+
+
+def _check_one_patient_per_file(path: Path, rows: Sequence[Mapping]) -> None:
+    """Refuse a manifest whose ``slide_path`` column shows one slide file under two patients (shards of two
+    cohort tables in one folder): a split would put the same tiles in training and held-out data."""
+    owners: dict[str, Mapping] = {}
+    for row in rows:
+        source = os.path.normpath(row["slide_path"]) if row.get("slide_path") else ""
+        first = owners.setdefault(source, row) if source else row
+        if first["patient_id"] != row["patient_id"]:
+            raise ShardError(path, f"slide file {row['slide_path']} is listed under two patients, "
+                             f"{first['patient_id']} (slide {first['slide_id']}) and {row['patient_id']} (slide "
+                             f"{row['slide_id']}): one file belongs to one patient; correct the cohort table and "
+                             "extract again")
 
 
 def check_counts(path: str | os.PathLike[str], labels: np.ndarray, label_names: Sequence[str], row: Mapping,

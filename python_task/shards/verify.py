@@ -31,6 +31,8 @@ from python_task.shards.format import (
     check_labels,
     decode_tile,
     list_shards,
+    odd_shard_cause,
+    odd_shards,
     open_shard_file,
     read_encoded_rows,
     reading,
@@ -93,6 +95,14 @@ def check_shard(path: str | os.PathLike[str], *, decode: bool = True) -> ShardCh
     return ShardCheck(info, values["labels"], checksummed)
 
 
+def _report_odd_shards(report: VerifyReport, infos: list[ShardInfo]) -> None:
+    """Shards sound on their own but not with the others (tile size, µm/px or classes differ from most):
+    training on the folder would fail or mix scales, so each is a problem, naming the odd shard."""
+    odd = odd_shards(infos)
+    for info, example in odd:
+        report.problems.append(ShardError(info.path, odd_shard_cause(info, example, len(infos) - len(odd))))
+
+
 @dataclass
 class VerifyReport:
     folder: Path
@@ -119,9 +129,11 @@ def verify_shards(folder: str | os.PathLike[str], *, decode: bool = True, progre
         listed = None
     paths = list_shards(folder)
     manifest = folder / MANIFEST_NAME
+    checked: list[ShardInfo] = []
     for path in tqdm(paths, desc="verify", unit="shard", disable=None if progress else True, file=sys.stderr):
         try:
             check = check_shard(path, decode=decode)
+            checked.append(check.info)
             report.shards += 1
             report.tiles += check.info.n_tiles
             if not check.checksummed:
@@ -132,6 +144,7 @@ def verify_shards(folder: str | os.PathLike[str], *, decode: bool = True, progre
                 check_counts(path, check.labels, check.info.label_names, listed[path.name], manifest)
         except ShardError as exc:
             report.problems.append(exc)
+    _report_odd_shards(report, checked)
     for name in sorted(set(listed or ()) - {p.name for p in paths}):
         report.problems.append(ShardError(folder / name, f"listed in {manifest} but missing: copy it again or run "
                                           "extract again"))

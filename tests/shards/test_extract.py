@@ -370,25 +370,94 @@ def test_a_damaged_or_truncated_shard_is_redone(synth_cohort, tmp_path):
     assert verify_shards(tmp_path, progress=False).ok
 
 
-def test_a_full_disk_is_blamed_on_the_shard_not_the_slide(synth_cohort, tmp_path, monkeypatch):
+def test_a_full_disk_is_blamed_on_the_folder_not_the_slide(synth_cohort, tmp_path, monkeypatch):
     import errno
 
     from python_task.shards import format as shard_format
     from python_task.shards.extract import write_cause
+    from python_task.shards.format import NoSpaceError
 
     def full(self, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(shard_format.ShardWriter, "append", full)
     job = read_cohort(synth_cohort)[0]
-    report = extract_cohort([job, read_cohort(synth_cohort)[1]], tmp_path, ExtractParams(), progress=False)
-    message = report.failed[0].message
-    assert message.startswith(str(tmp_path / f"{job.slide_id}.h5")) and "no space left on device" in message
-    assert str(job.slide_path) not in message
-    assert not list(tmp_path.glob(".*.tmp"))
+    with pytest.raises(NoSpaceError) as exc:
+        extract_cohort([job, read_cohort(synth_cohort)[1]], tmp_path, ExtractParams(), progress=False)
+    assert exc.value.path == str(tmp_path) and "no space left on device" in exc.value.cause
+    assert f"while writing {job.slide_id}.h5" in exc.value.cause and str(job.slide_path) not in str(exc.value)
+    assert not list(tmp_path.glob(".*.tmp")) and not (tmp_path / ".python_task.lock").exists()
     hdf5 = OSError("Can't write data (file write failed: time = x, filename = 'a.h5', file descriptor = 5, "
                    "errno = 28, error message = 'No space left on device', buf = 0x1)")
     assert write_cause(hdf5) == "no space left on device (errno 28)"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_full_disk_stops_the_run_and_keeps_the_finished_shards(synth_cohort, tmp_path, monkeypatch, workers):
+    from python_task.shards.format import NoSpaceError
+    from tests.shards import workers as runners
+
+    jobs = read_cohort(synth_cohort)[:3]
+    monkeypatch.setenv("TEST_EXTRACT_FULL", jobs[1].slide_id)
+    out = tmp_path / "out"
+    with pytest.raises(NoSpaceError) as exc:
+        extract_cohort(jobs, out, ExtractParams(), workers=workers, progress=False, _runner=runners.full_disk)
+    cause = exc.value.cause
+    assert exc.value.path == str(out) and cause.startswith("no space left on device (errno 28) while writing "
+                                                           f"{jobs[1].slide_id}.h5")
+    assert str(jobs[1].slide_path) not in str(exc.value) and "\n" not in str(exc.value)
+    assert jobs[0].slide_id in _manifest_ids(out) and jobs[1].slide_id not in _manifest_ids(out)
+    assert not (out / f"{jobs[1].slide_id}.h5").exists() and not list(out.glob(".*.tmp"))
+    assert not (out / ".python_task.lock").exists()
+    if workers == 1:  # the slide after the full one is not started
+        assert "1 of 3 slides have a shard" in cause and not (out / f"{jobs[2].slide_id}.h5").exists()
+
+
+def test_a_write_the_system_refuses_fails_the_shard_not_the_process(synth_cohort, tmp_path):
+    # a real refusal from the kernel (a file-size limit: EFBIG), through HDF5: it used to end in SIGSEGV
+    code = ("import resource, sys; from python_task.shards.extract import extract_cohort; "
+            "from python_task.shards.params import ExtractParams; from python_task.wsi.cohort import read_cohort; "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (60000, resource.RLIM_INFINITY)); "
+            "report = extract_cohort(read_cohort(sys.argv[1])[:2], sys.argv[2], ExtractParams(codec='raw', "
+            "tile_size=64, mpp=2.0), progress=False); print(*(r.message for r in report.failed), sep='\\n')")
+    proc = subprocess.run([sys.executable, "-c", code, str(synth_cohort), str(tmp_path / "out")],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2 and all("cannot be written: file too large (errno 27)" in line for line in lines)
+    assert "Traceback" not in proc.stderr and not list((tmp_path / "out").glob("*.h5"))
+    assert not list((tmp_path / "out").glob(".*.tmp"))
+
+
+def test_a_corrected_cohort_row_is_extracted_again(synth_cohort, tmp_path):
+    import dataclasses
+
+    job = read_cohort(synth_cohort)[0]
+    extract_cohort([job], tmp_path, ExtractParams(), progress=False)
+    corrected = dataclasses.replace(job, patient_id="P999", diagnosis="benign" if job.diagnosis != "benign"
+                                    else "malignant")
+    report = extract_cohort([corrected], tmp_path, ExtractParams(), progress=False)
+    result = report.results[0]
+    assert result.status == "done" and "another cohort row" in result.message and "P999" in result.message
+    info = read_shard_info(tmp_path / f"{job.slide_id}.h5")
+    assert (info.patient_id, info.diagnosis) == (corrected.patient_id, corrected.diagnosis)
+    with open(tmp_path / "manifest.csv", newline="") as fh:
+        assert [(r["patient_id"], r["diagnosis"]) for r in csv.DictReader(fh)] == [("P999", corrected.diagnosis)]
+    again = extract_cohort([corrected], tmp_path, ExtractParams(), progress=False)
+    assert again.results[0].status == "skipped"  # the same row: resumed as before
+
+
+def test_workers_that_die_before_any_slide_are_started_again(synth_cohort, tmp_path, monkeypatch, caplog):
+    from tests.shards import workers
+
+    jobs = read_cohort(synth_cohort)[:3]
+    monkeypatch.setenv("TEST_EXTRACT_PIDS", str(tmp_path))
+    with caplog.at_level("WARNING", logger="python_task"):
+        report = extract_cohort(jobs, tmp_path / "out", ExtractParams(), workers=2, progress=False,
+                                _worker_start=workers.die_at_start)
+    assert report.ok, report.failed
+    assert _manifest_ids(tmp_path / "out") == sorted(j.slide_id for j in jobs)
+    assert "killed by SIGKILL" in caplog.text and "the pool is started again" in caplog.text
 
 
 # --------------------------------------------------------------------------------------------- one writer per folder

@@ -173,3 +173,37 @@ def test_verify_command(shards):
     assert any(str(damaged) in e and "tile 1: fails its CRC-32" in e for e in errors)
     assert any(str(extra) in e and "not listed" in e for e in errors)
     assert any(str(missing) in e and "listed in" in e and "missing" in e for e in errors)
+
+
+def test_a_shard_of_another_tile_size_is_the_one_named(shards, synth_cohort, tmp_path):
+    from python_task.shards.extract import extract_cohort
+    from python_task.shards.params import ExtractParams
+    from python_task.shards.verify import verify_shards
+    from python_task.wsi.cohort import read_cohort
+
+    odd = _first(shards)  # first in name order: the shard a first-one-read rule would take as the reference
+    job = next(j for j in read_cohort(synth_cohort) if f"{j.slide_id}.h5" == odd.name)
+    extract_cohort([job], tmp_path / "small", ExtractParams(tile_size=128), progress=False)
+    shutil.copyfile(tmp_path / "small" / odd.name, odd)
+    found = [p for p in verify_shards(shards, decode=False, progress=False).problems if "tile size 128 px" in p.cause]
+    assert [p.path for p in found] == [str(odd)]
+    assert "tile size 256 px, 0.5 µm/px" in found[0].cause and "\n" not in str(found[0])
+    with pytest.raises(ShardError) as exc:
+        build_index(shards)
+    assert exc.value.path == str(odd) and "tile size 128 px" in exc.value.cause
+
+
+def test_a_manifest_with_one_slide_file_under_two_patients_is_refused(shards):
+    path = shards / MANIFEST_NAME
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows[0]["slide_path"] and rows[0]["patient_id"] != rows[-1]["patient_id"]
+    rows[-1]["slide_path"] = rows[0]["slide_path"]  # shards of two cohort tables, one file under two patients
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(ShardError) as exc:
+        read_manifest(shards)
+    assert exc.value.path == str(path) and "listed under two patients" in exc.value.cause
+    assert rows[0]["patient_id"] in exc.value.cause and rows[-1]["patient_id"] in exc.value.cause

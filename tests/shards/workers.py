@@ -3,6 +3,7 @@ each wraps the real job and misbehaves for the slides the test names in the envi
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
@@ -36,3 +37,32 @@ def pause_all(job, out, params, overwrite, progress):
     _pid_file(job.slide_id).write_text(str(os.getpid()))
     time.sleep(300)
     return _run_job(job, out, params, overwrite, progress)
+
+
+def full_disk(job, out, params, overwrite, progress):
+    """The slides in ``TEST_EXTRACT_FULL`` (comma-separated) find the disk full: every write of their shard is
+    refused with ENOSPC, as the operating system refuses it."""
+    if job.slide_id not in os.environ.get("TEST_EXTRACT_FULL", "").split(","):
+        return _run_job(job, out, params, overwrite, progress)
+    real = os.pwrite
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    os.pwrite = refuse
+    try:
+        return _run_job(job, out, params, overwrite, progress)
+    finally:
+        os.pwrite = real
+
+
+def die_at_start() -> None:
+    """A worker's start step: the first two worker processes started (files in ``TEST_EXTRACT_PIDS``) are killed
+    before they take any slide, as a worker killed while it imports would be."""
+    for n in range(2):
+        try:
+            fd = os.open(_pid_file(f"start-{n}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        os.kill(os.getpid(), signal.SIGKILL)
