@@ -21,12 +21,15 @@ A split is made from the shards folder's ``manifest.csv`` alone (no shard is ope
   none: ``train`` then uses the fixed rule (the last of ``epochs`` epochs, threshold 0.5) and says so; the fold's
   ``selection`` says which (``tuning set`` or ``fixed``).
 * **Too few patients.** Errors only where a fold's *validation set* could not be non-empty: ``K < 2`` or more
-  folds than patients. When every diagnosis has fewer patients than ``K`` (scikit-learn refuses to stratify
-  then), patients are dealt round-robin, class by class, over the folds in a seeded order, which still puts at
-  most ``ceil(n_class / K)`` patients of a class in one fold. When a class has fewer patients than ``K`` some
-  validation folds lack it (their AUC is NaN); when it has a single patient (or the cohort one diagnosis only)
-  some *training* sets lack it and ``train`` refuses those folds. Each such case is logged as a warning and listed
-  in the JSON's ``warnings``: the split is still written, since the other folds are usable.
+  folds than patients (those left once the test set is held out). The error says what would work: the most folds
+  the patients allow (never fewer than 2), the largest ``test_fraction`` (in steps of 0.01) that leaves ``K``
+  patients, no test set, or that the cohort is too small for cross-validation at all. When every diagnosis has
+  fewer patients than ``K`` (scikit-learn refuses to stratify then), patients are dealt round-robin, class by
+  class, over the folds in a seeded order, which still puts at most ``ceil(n_class / K)`` patients of a class in
+  one fold. When a class has fewer patients than ``K`` some validation folds lack it (their AUC is NaN); when it
+  has a single patient (or the cohort one diagnosis only) some *training* sets lack it and ``train`` refuses those
+  folds. Each such case is logged as a warning and listed in the JSON's ``warnings``: the split is still written,
+  since the other folds are usable.
 
 JSON written (format 2; extra keys beyond the contract: ``shards``, ``method``, ``warnings``, and per fold
 ``val_diagnoses``/``train_diagnoses``/``tune_diagnoses``)::
@@ -41,6 +44,9 @@ JSON written (format 2; extra keys beyond the contract: ``shards``, ``method``, 
                 "tile_counts": {"train": {class: n}, "tune": {...}, "val": {class: n}},
                 "val_diagnoses": {diagnosis: n_patients}, "train_diagnoses": {...}, "tune_diagnoses": {...}},
                ...]}
+
+:func:`check_splits_output` refuses a splits file that would replace what the split is made from (the manifest,
+a shard).
 
 ``train_patients`` are the patients the network is fitted on; ``tune_patients`` (possibly none) choose its
 epoch and threshold; ``val_patients`` are the held-out fold; ``test_patients`` are in no fold. The four are
@@ -57,6 +63,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -157,10 +165,7 @@ def make_splits(shards_dir: str | Path, folds: int, seed: int = 0, *, tune_fract
         if test_fraction > 0 else []
     development = {p: d for p, d in patients.items() if p not in set(test)}
     if folds > len(development):
-        held = f" ({len(test)} more held out as the test set)" if test else ""
-        raise ShardError(manifest, f"only {len(development)} patient{'s' * (len(development) != 1)}{held}: cannot "
-                        f"make {folds} patient-level folds (each validation set needs at least one patient); use "
-                        f"`folds` {len(development)} or fewer")
+        raise ShardError(manifest, _too_few_patients(patients, folds, test_fraction, len(test)))
 
     fold_of, method = _assign_folds(development, folds, seed)
     by_slide = {r["slide_id"]: r for r in rows}
@@ -205,15 +210,63 @@ def make_splits(shards_dir: str | Path, folds: int, seed: int = 0, *, tune_fract
         "test_diagnoses": _diagnosis_counts(patients, test, label_names), "folds": out_folds}
 
 
+def _pick_count(fraction: float, n: int) -> int:
+    """How many of ``n`` patients of one diagnosis a stratified pick of ``fraction`` takes: at least one."""
+    return max(1, round(fraction * n))
+
+
 def _stratified_pick(patients: Mapping[str, str], ids: Sequence[str], fraction: float,
                      rng: np.random.Generator) -> list[str]:
     """``round(fraction * n)`` (at least one) seeded patients of each diagnosis among ``ids``."""
     picked: list[str] = []
     for diagnosis in sorted({patients[p] for p in ids}):
         members = sorted(p for p in ids if patients[p] == diagnosis)
-        n = max(1, round(fraction * len(members)))
-        picked += [str(p) for p in rng.permutation(members)[:n]]
+        picked += [str(p) for p in rng.permutation(members)[:_pick_count(fraction, len(members))]]
     return sorted(picked)
+
+
+def _developed_patients(class_sizes: Sequence[int], test_fraction: float) -> int:
+    """Patients left for the folds once a test set of ``test_fraction`` is held out (none when it is 0)."""
+    if test_fraction <= 0:
+        return sum(class_sizes)
+    return sum(n - min(n, _pick_count(test_fraction, n)) for n in class_sizes)
+
+
+def _largest_test_fraction(class_sizes: Sequence[int], folds: int, below: float) -> float | None:
+    """The largest test fraction in steps of 0.01, under ``below``, that leaves ``folds`` patients for the folds;
+    None when even the smallest test set (one patient of each diagnosis) leaves too few."""
+    for hundredths in range(math.ceil(below * 100) - 1, 0, -1):
+        fraction = hundredths / 100
+        if _developed_patients(class_sizes, fraction) >= folds:
+            return fraction
+    return None
+
+
+def _too_few_patients(patients: Mapping[str, str], folds: int, test_fraction: float, n_test: int) -> str:
+    """Why ``folds`` patient-level folds cannot be made, and what to change: fewer folds (never fewer than 2), a
+    smaller test set, or none; or that the cohort has too few patients for cross-validation at all."""
+    n = len(patients)
+    n_dev = n - n_test
+    sizes = [sum(d == c for d in patients.values()) for c in sorted(set(patients.values()))]
+    if n_test:
+        have = (f"only {n_dev} of the {n} patients {'is' if n_dev == 1 else 'are'} left for the folds ({n_test} "
+                f"held out as the test set by `test_fraction` {test_fraction:g})")
+    else:
+        have = f"only {n} patient{'s' * (n != 1)}"
+    problem = f"{have}: cannot make {folds} patient-level folds (each validation set needs at least one patient)"
+    remedies = [f"`folds` {n_dev} or fewer"] if n_dev >= 2 else []
+    if n_test:
+        fraction = _largest_test_fraction(sizes, folds, test_fraction)
+        if fraction is not None:
+            remedies.append(f"`test_fraction` {fraction:g} or lower")
+        elif n >= folds:
+            remedies.append("`test_fraction` 0 (no test set)")
+        elif not remedies and n >= 2:
+            remedies.append(f"`test_fraction` 0 with `folds` {n} or fewer")
+    if not remedies:
+        return (f"{problem}: cross-validation needs at least 2 patients{' besides a test set' if n_test else ''}; "
+                f"the manifest lists {n}: extract more slides")
+    return f"{problem}; use {' or '.join(remedies)}"
 
 
 def _tuning_set(patients: Mapping[str, str], training: Sequence[str], fraction: float,
@@ -284,6 +337,25 @@ def _fold_warnings(patients: Mapping[str, str], folds: Sequence[Mapping]) -> lis
 def write_splits(splits: Mapping, path: str | Path) -> None:
     """Write a split as JSON, atomically (the file appears under its name only once complete)."""
     write_json_atomic(Path(path), splits)
+
+
+def check_splits_output(path: str | Path, shards_dir: str | Path) -> None:
+    """Refuse to write a split over what it is made from: the shards folder's manifest or one of its shards.
+
+    ``split --out shards/manifest.csv`` would otherwise replace the manifest with the split's JSON, and with it
+    the only record of the shard set. Paths are compared once resolved (``..``, symbolic links), so another
+    spelling of the same file is refused too. :class:`ConfigError` for ``out``, naming the path.
+    """
+    shards_dir = Path(shards_dir)
+    target = os.path.realpath(path)
+    manifest = shards_dir / MANIFEST_NAME
+    if target == os.path.realpath(manifest):
+        raise ConfigError("out", f"`out` would replace the manifest of {shards_dir}, which split reads: write "
+                          "the splits to another file (e.g. splits.json)", path=path)
+    for row in read_manifest(shards_dir):
+        if target == os.path.realpath(shards_dir / row["shard"]):
+            raise ConfigError("out", f"`out` would replace the shard of slide {row['slide_id']} in "
+                              f"{shards_dir}: write the splits to another file (e.g. splits.json)", path=path)
 
 
 # --------------------------------------------------------------------------------------------------- loading
@@ -456,5 +528,5 @@ def load_fold(splits_path: str | Path, shards_dir: str | Path, fold: int) -> Fol
                           format_version=int(data.get("format_version", 1)))
 
 
-__all__ = ["FoldAssignment", "load_fold", "make_splits", "write_splits", "read_splits", "patient_diagnoses",
-           "positive_class", "check_shard_set", "SPLITS_FORMAT_VERSION"]
+__all__ = ["FoldAssignment", "load_fold", "make_splits", "write_splits", "check_splits_output", "read_splits",
+           "patient_diagnoses", "positive_class", "check_shard_set", "SPLITS_FORMAT_VERSION"]

@@ -35,6 +35,9 @@ RESUME_FREE_FIELDS = frozenset({"workers", "verbose", "tensorboard"})
 _POSITIVE = (lambda v: v > 0, "must be a positive number")
 _AT_LEAST_ONE = (lambda v: v >= 1, "must be at least 1")
 _NOT_NEGATIVE = (lambda v: v >= 0, "must be 0 or more")
+# NumPy's and Keras's seeding take 0 to 2**32 - 1; training derives more seeds by adding up to a few thousand
+MAX_SEED = 2**31 - 1
+_SEED = (lambda v: float(v).is_integer() and 0 <= v <= MAX_SEED, f"must be a whole number from 0 to {MAX_SEED}")
 
 
 @dataclass(frozen=True)
@@ -74,11 +77,13 @@ class TrainConfig:
                                           "predictions, with the tuning patients', set the slide threshold (costs "
                                           "about calibration_folds - 1 more trainings); 0 = the tuning patients "
                                           "alone")
-    seed: int = setting(0, help="random seed")
+    seed: int = setting(0, help="random seed", check=_SEED)
     weights: Path | None = setting(None, help="pretrained weights from a local file (never downloaded)")
     freeze_backbone: bool = setting(False, help="train only the head")
-    unfreeze_at: int = setting(0, help="epoch at which a frozen backbone is fine-tuned, 0 = never")
-    input_size: int | None = setting(None, help="resize tiles to this size inside the model (default: tile size)")
+    unfreeze_at: int = setting(0, help="epoch at which a frozen backbone is fine-tuned, 0 = never",
+                               check=_NOT_NEGATIVE)
+    input_size: int | None = setting(None, help="resize tiles to this size inside the model (default: tile size)",
+                                     check=_AT_LEAST_ONE)
     input_scaling: str = setting("auto", choices=INPUT_SCALINGS,
                                  help="input scaling inside the model: grey = each tile to grey and standardised "
                                       "(the slide's stain, hue, intensity and contrast, cannot be a shortcut); "
@@ -90,10 +95,10 @@ class TrainConfig:
     patience: int = setting(5, help="early-stopping patience in epochs, 0 = off", check=_NOT_NEGATIVE)
     mixed_precision: str = setting("auto", help="mixed float16, auto: on when a GPU is present",
                                    choices=PRECISION_MODES)
-    max_train_tiles: int = setting(0, help="seeded random subset of training tiles, 0 = all")
-    max_val_tiles: int = setting(0, help="seeded random subset of validation tiles, 0 = all")
-    base_filters: int = setting(32, help="width of simple_cnn / unet_encoder")
-    workers: int = setting(2, help="threads reading tiles")
+    max_train_tiles: int = setting(0, help="seeded random subset of training tiles, 0 = all", check=_NOT_NEGATIVE)
+    max_val_tiles: int = setting(0, help="seeded random subset of validation tiles, 0 = all", check=_NOT_NEGATIVE)
+    base_filters: int = setting(32, help="width of simple_cnn / unet_encoder", check=_AT_LEAST_ONE)
+    workers: int = setting(2, help="threads reading tiles", check=_AT_LEAST_ONE)
     tensorboard: bool = setting(True, help="do not write TensorBoard logs", flag="--no-tensorboard")
     verbose: bool = setting(True, help="no progress output", flag="--quiet")
     augment_options: dict[str, float] = setting(help="ranges of the augmentations", expand=AugmentOptions)

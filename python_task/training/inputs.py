@@ -3,7 +3,6 @@ augmented in the pipeline when that is the engine) and the fitted stain normalis
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from python_task.transforms.stain import (
     Normalizer,
     StainTransform,
     make_normalizer,
-    normalizer_from_dict,
+    read_normalizer,
     reference_positions,
 )
 
@@ -96,9 +95,14 @@ def load_or_fit_normalizer(cfg: TrainConfig, train_index: TileIndex) -> Normaliz
         return None
     saved = cfg.out / STAIN_FILE
     if saved.exists():
-        return normalizer_from_dict(json.loads(saved.read_text()))
+        return read_normalizer(saved)
     normalizer = make_normalizer(cfg.stain)
-    normalizer.fit(reference_tiles(cfg, train_index))
+    try:
+        normalizer.fit(reference_tiles(cfg, train_index))
+    except TaskError as exc:  # the normaliser says "stain reference": name the user's file when there is one
+        if cfg.stain_reference is None or exc.path != "stain reference":
+            raise
+        raise TaskError(cfg.stain_reference, exc.cause) from None
     write_json_atomic(saved, {"method": cfg.stain, **normalizer.to_dict()})
     return normalizer
 
@@ -111,6 +115,7 @@ def reference_tiles(cfg: TrainConfig, train_index: TileIndex) -> np.ndarray:
             if path.suffix == ".npy":
                 return np.load(path)
             return np.asarray(Image.open(path).convert("RGB"))
-        except (OSError, ValueError) as exc:
-            raise TaskError(path, f"cannot read the stain reference ({exc})") from None
+        except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty .npy
+            raise TaskError(path, f"cannot read the stain reference ({type(exc).__name__}: "
+                                  f"{' '.join(str(exc).split())})") from None
     return TileFetcher(train_index).fetch(reference_positions(len(train_index), cfg.seed))

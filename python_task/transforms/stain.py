@@ -1,7 +1,8 @@
 """Stain normalisation of RGB H&E tiles to a reference: Macenko (2009) and Reinhard (2001), per tile, robust.
 
 Both normalisers are fitted once on reference tiles, saved with a run as a small JSON-able dict
-(:meth:`to_dict` / :func:`normalizer_from_dict`) and applied in the input pipeline by :class:`StainTransform`.
+(:meth:`to_dict` / :func:`normalizer_from_dict`; :func:`read_normalizer` reads a run's ``stain.json`` back, naming
+the file on any failure) and applied in the input pipeline by :class:`StainTransform`.
 They are plain numpy (no backend), so they serve Keras on any backend.
 
 **Robustness is the contract** (other tools crash here on background or small tiles): a tile that is background
@@ -23,8 +24,11 @@ exactly by :func:`od_to_rgb`.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -545,6 +549,31 @@ def normalizer_from_dict(d: dict[str, Any]) -> Normalizer | None:
         return ReinhardNormalizer.from_dict(d)
     raise TaskError("stain", f"saved stain normaliser: unknown method {d.get('method')!r}; "
                     f"choose from: {', '.join(STAIN_METHODS)}")
+
+
+def read_normalizer(path: str | os.PathLike[str]) -> Normalizer | None:
+    """The normaliser saved with a run (``stain.json``, read back by a resumed train and by predict).
+
+    Every failure is a :class:`TaskError` naming the file: missing or unreadable, not JSON (a copy cut short), or
+    JSON that does not describe a normaliser (:func:`normalizer_from_dict`'s causes).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TaskError(path, "missing: the run's saved stain normaliser (train writes it beside the model; copy "
+                              "the whole run folder)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TaskError(path, f"cannot be read ({exc})") from None
+    try:
+        saved = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise TaskError(path, f"not valid JSON ({exc.msg}: line {exc.lineno}, column {exc.colno}): the saved "
+                              "stain normaliser is damaged or cut short; copy the run folder again") from None
+    try:
+        return normalizer_from_dict(saved)
+    except TaskError as exc:
+        raise TaskError(path, exc.cause) from None
 
 
 class StainTransform:

@@ -449,3 +449,47 @@ def test_bad_fractions_are_refused(shards):
     for kw in ({"tune_fraction": 1.0}, {"test_fraction": -0.1}, {"test_fraction": "0.2"}):
         with pytest.raises(TaskError, match=next(iter(kw))):
             make_splits(shards, 3, **kw)
+
+
+# ------------------------------------------------------------------------------------------------ too few patients
+
+def test_too_few_patients_advice_is_a_setting_that_works(tmp_path):
+    """The error's advice (never `--folds` below 2) is checked by following it: the advised values split."""
+    folder = write_manifest(tmp_path / "s", manifest_rows(cohort(3, 3)))
+    with pytest.raises(TaskError) as exc:
+        make_splits(folder, 2, test_fraction=0.99)
+    one_line_naming(exc, folder / "manifest.csv")
+    cause = exc.value.cause
+    assert "`folds` 0" not in cause and "6 held out as the test set" in cause and "`test_fraction` 0.83 or lower" in cause
+    assert len(make_splits(folder, 2, test_fraction=0.83)["folds"]) == 2
+    with pytest.raises(TaskError):
+        make_splits(folder, 2, test_fraction=0.84)  # round(3 * 0.84) = 3 of each diagnosis: none left
+
+    with pytest.raises(TaskError) as exc:  # the smallest test set (one of each diagnosis) leaves 4: no test set
+        make_splits(folder, 5, test_fraction=0.3)
+    assert "use `folds` 4 or fewer or `test_fraction` 0 (no test set)" in exc.value.cause
+    assert len(make_splits(folder, 4, test_fraction=0.3)["folds"]) == 4 and make_splits(folder, 5)
+
+
+def test_a_single_patient_is_told_cross_validation_needs_two(tmp_path):
+    folder = write_manifest(tmp_path / "s", manifest_rows(cohort(1, 0)))
+    for kw in ({}, {"test_fraction": 0.5}):
+        with pytest.raises(TaskError, match="cross-validation needs at least 2 patients") as exc:
+            make_splits(folder, 2, **kw)
+        assert "`folds` 1" not in exc.value.cause and "`folds` 0" not in exc.value.cause
+        one_line_naming(exc, folder / "manifest.csv")
+
+
+def test_split_refuses_to_write_over_its_inputs(shards, tmp_path, capsys):
+    """`split --out shards/manifest.csv` (or a shard, however spelled) is refused before anything is written."""
+    from python_task.cli import main
+
+    before = {p.name: p.read_bytes() for p in shards.iterdir()}
+    link = tmp_path / "link.json"
+    link.symlink_to(shards / "manifest.csv")
+    for out in (shards / "manifest.csv", shards / ".." / shards.name / "P01_S1.h5", link):
+        assert main(["split", "--shards", str(shards), "--folds", "3", "--out", str(out)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {out}: --out would replace the "), err
+    assert {p.name: p.read_bytes() for p in shards.iterdir()} == before
+    assert main(["split", "--shards", str(shards), "--folds", "3", "--out", str(shards / "splits.json")]) == 0

@@ -112,3 +112,36 @@ def test_a_missing_model_is_named_before_anything_else(test_split, tmp_path):
     with pytest.raises(TaskError, match="not found") as exc:
         evaluate_model(tmp_path / "model.keras", shards, splits, tmp_path / "eval")
     assert exc.value.path == str(tmp_path / "model.keras") and not (tmp_path / "eval").exists()
+
+
+def _run_copy(run, folder, change) -> object:
+    """A copy of a run folder (model and config.json) whose config.json ``change`` edits."""
+    folder.mkdir()
+    (folder / "model.keras").write_bytes((run / "model.keras").read_bytes())
+    config = json.loads((run / "config.json").read_text())
+    change(config)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder / "model.keras"
+
+
+def test_refuses_test_shards_of_another_scale(test_split, tmp_path):
+    shards, splits, run, _ = test_split
+    model = _run_copy(run, tmp_path / "run", lambda c: c["resolved"].update(mpp=0.5))  # the shards are at 1 µm/px
+    with pytest.raises(TaskError) as exc:
+        evaluate_model(model, shards, splits, tmp_path / "eval")
+    cause = exc.value.cause
+    assert exc.value.path == str(shards) and "64-px tiles at 1 µm/px" in cause and "64-px tiles at 0.5 µm/px" in cause
+    assert "\n" not in str(exc.value) and not (tmp_path / "eval").exists()
+
+
+def test_refuses_a_split_that_puts_a_test_patient_in_a_fold(test_split, tmp_path):
+    shards, splits, run, data = test_split
+    patient = data["test_patients"][0]
+    changed = json.loads(splits.read_text())
+    changed["folds"][1]["train_patients"].append(patient)  # the run is fold 0's: its own config cannot tell
+    bad = tmp_path / "splits.json"
+    bad.write_text(json.dumps(changed))
+    with pytest.raises(TaskError) as exc:
+        evaluate_model(run / "model.keras", shards, bad, tmp_path / "eval")
+    assert exc.value.path == str(bad) and f"test patient {patient} is also in fold 1's train_patients" in exc.value.cause
+    assert not (tmp_path / "eval").exists()

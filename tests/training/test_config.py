@@ -113,3 +113,27 @@ def test_the_openmole_train_command_uses_train_options_only():
             assert val.group(1) == by_flag[flag].key, f"{flag} is given ${{{val.group(1)}}}"
     required = {o.flag for o in train_options().values() if o.required}
     assert required <= {flag for flag, _ in used}, sorted(required - {flag for flag, _ in used})
+
+
+def test_every_numeric_option_has_a_range_check():
+    """A number the program cannot use is refused when the config is made, naming its flag, not deep in
+    training (``--max-train-tiles -5`` was ``error: train: ValueError: negative dimensions are not allowed``)."""
+    numeric = [o for o in train_options().values() if o.kind in (int, float) and not o.setting.choices]
+    unchecked = [o.flag for o in numeric if o.setting.check is None]
+    assert not unchecked, f"numeric train options without a range check: {unchecked}"
+
+
+@pytest.mark.parametrize(("field", "bad"), [("max_train_tiles", -5), ("max_val_tiles", -1), ("base_filters", 0),
+                                            ("workers", 0), ("unfreeze_at", -1), ("input_size", 0), ("seed", -1),
+                                            ("seed", 2**32), ("seed", 1.5)])
+def test_out_of_range_numbers_are_refused_naming_the_field(field, bad):
+    with pytest.raises(ConfigError) as err:
+        TrainConfig(**REQUIRED, **{field: bad})
+    assert err.value.setting == field and repr(bad) in err.value.cause
+
+
+def test_a_negative_tile_limit_is_one_line_naming_the_flag(capsys):
+    code = cli.main(["train", "--shards", "s", "--splits", "s.json", "--fold", "0", "--arch", "simple_cnn", "--out",
+                     "o", "--max-train-tiles", "-5"])
+    assert code == 1
+    assert capsys.readouterr().err.strip() == "error: --max-train-tiles: must be 0 or more (got -5)"
