@@ -46,7 +46,7 @@ _RANDOM_PART = 8  # characters mkstemp puts between the prefix and the suffix
 def current_umask() -> int:
     """The process's umask (read without changing it where /proc tells it)."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
             if line.startswith("Umask:"):
                 return int(line.split()[1], 8)
     except OSError:

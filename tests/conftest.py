@@ -8,8 +8,14 @@ from pathlib import Path
 
 import pytest
 
+# The suite's outcome must not depend on the user's environment: the project's own settings (log level, debug
+# tracebacks, size limits) are cleared, and the backend is the one the suite tests (a KERAS_BACKEND=jax in a
+# user's shell would otherwise run it on another backend, or fail to import one not installed).
+KEPT_SETTINGS = {"PYTHON_TASK_SHARED_DATA"}
+for _name in [n for n in os.environ if n.startswith("PYTHON_TASK_") and n not in KEPT_SETTINGS]:
+    del os.environ[_name]
+os.environ["KERAS_BACKEND"] = "tensorflow"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("PYTHON_TASK_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))

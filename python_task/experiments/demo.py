@@ -92,7 +92,7 @@ def run_demo(out_dir: str | os.PathLike[str], cfg: DemoConfig | None = None) -> 
     if not splits.exists():
         write_splits(make_splits(out / "shards", cfg.folds, seed=cfg.seed), splits)
     outputs["splits"] = splits
-    for fold in json.loads(splits.read_text())["folds"]:
+    for fold in json.loads(splits.read_text(encoding="utf-8"))["folds"]:
         if min(fold["val_diagnoses"].get(d, 0) for d in ("benign", "malignant")) < 2:
             log.warning("fold %d validates on %s patients: fewer than 2 of a diagnosis, its patient AUC says "
                         "little (use more `patients`)", fold["fold"], fold["val_diagnoses"])
@@ -117,7 +117,7 @@ def run_demo(out_dir: str | os.PathLike[str], cfg: DemoConfig | None = None) -> 
             if not (target / "slide.json").exists():
                 predict_slide(out / "sweep" / point["out_dir"] / "model.keras", job.slide_path, target,
                               annotations=job.annotation_path, progress=False)
-            log.info("%s", heatmap_line(job, point, json.loads((target / "slide.json").read_text())))
+            log.info("%s", heatmap_line(job, point, json.loads((target / "slide.json").read_text(encoding="utf-8"))))
             outputs[f"heatmap {job.slide_id} ({job.diagnosis})"] = target / "heatmap.png"
 
     log.info("\ndemo finished in %.0f s. Outputs:", time.perf_counter() - t_all)
@@ -142,7 +142,7 @@ def heatmap_choice(results_csv: Path, cohort_csv: Path, splits: Path) -> tuple[d
     the first fold whose held-out malignant slides include one with a benign region too (so the heat-map shows
     both classes on one slide), else the first fold with both diagnoses."""
     jobs = read_cohort(cohort_csv)
-    folds = {f["fold"]: f for f in json.loads(splits.read_text())["folds"]}
+    folds = {f["fold"]: f for f in json.loads(splits.read_text(encoding="utf-8"))["folds"]}
     choices = []
     for point in best_configuration(results_csv):
         held_out = set(folds[int(point["fold"])]["val_patients"])
@@ -159,7 +159,7 @@ def heatmap_choice(results_csv: Path, cohort_csv: Path, splits: Path) -> tuple[d
 
 
 def _has_benign_region(job: SlideJob) -> bool:
-    features = json.loads(Path(job.annotation_path).read_text())["features"]
+    features = json.loads(Path(job.annotation_path).read_text(encoding="utf-8"))["features"]
     return any(f["properties"]["classification"]["name"] != MALIGNANT_CLASS for f in features)
 
 

@@ -828,8 +828,8 @@ def _tests_html(folders: Sequence[Path]) -> tuple[str, str]:
     for folder in folders:
         path = folder / "test_metrics.json"
         try:
-            m = {k: _to_float(v) for k, v in json.loads(path.read_text()).items()}
-            record = json.loads((folder / "evaluation.json").read_text())
+            m = {k: _to_float(v) for k, v in json.loads(path.read_text(encoding="utf-8")).items()}
+            record = json.loads((folder / "evaluation.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise TaskError(path, f"not an evaluate output ({exc})") from None
         names.append(folder.name)

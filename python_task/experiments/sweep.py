@@ -464,7 +464,8 @@ def run_point(plan: Plan, point: dict[str, Any], out_dir: Path, threads: int) ->
     rel = os.path.relpath(folder, out_dir)
     metrics_file = folder / "metrics.json"
     if proc.returncode == 0 and metrics_file.exists():
-        return PointResult(point, pid, "ok", "", rel, nan_for_null(json.loads(metrics_file.read_text())), wall)
+        metrics = nan_for_null(json.loads(metrics_file.read_text(encoding="utf-8")))
+        return PointResult(point, pid, "ok", "", rel, metrics, wall)
     return PointResult(point, pid, "failed", _last_error(folder / "train.log", proc.returncode), rel, {}, wall)
 
 

@@ -117,7 +117,7 @@ def evaluate_model(model_path: str | os.PathLike[str], shards: str | os.PathLike
         raise TaskError(model_path, "not found: give the model.keras that train writes (or its run folder)")
     config_path = model_path.parent / "config.json"
     try:
-        config = json.loads(config_path.read_text())
+        config = json.loads(config_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise TaskError(config_path, "missing: evaluate needs the config.json that train writes beside the model") \
             from None
@@ -188,8 +188,8 @@ def _finished(out: Path, record: dict) -> dict[str, float] | None:
     metrics, saved = out / METRICS_NAME, out / RECORD_NAME
     if not (metrics.exists() and saved.exists()):
         return None
-    previous = json.loads(saved.read_text())
+    previous = json.loads(saved.read_text(encoding="utf-8"))
     if (previous.get("model_sha256"), previous.get("test_patients")) != (record["model_sha256"],
                                                                           record["test_patients"]):
         raise TaskError(out, "holds the evaluation of another model or test set; choose another `out`")
-    return nan_for_null(json.loads(metrics.read_text()))
+    return nan_for_null(json.loads(metrics.read_text(encoding="utf-8")))

@@ -94,7 +94,7 @@ def load_bundle(model_path: str | os.PathLike[str]) -> ModelBundle:
     if not config_path.exists():
         raise TaskError(config_path, "missing: predict needs the config.json that train writes beside the model")
     try:
-        config = json.loads(config_path.read_text())
+        config = json.loads(config_path.read_text(encoding="utf-8"))
         resolved = config["resolved"]
         tile_size, mpp = int(resolved["tile_size"]), float(resolved["mpp"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
@@ -123,7 +123,7 @@ def load_bundle(model_path: str | os.PathLike[str]) -> ModelBundle:
 def _training_threshold(folder: Path, resolved: dict[str, Any]) -> float:
     value = resolved.get("threshold")
     if value is None and (folder / "metrics.json").exists():
-        value = json.loads((folder / "metrics.json").read_text()).get("threshold")
+        value = json.loads((folder / "metrics.json").read_text(encoding="utf-8")).get("threshold")
     try:
         value = float(value)
     except (TypeError, ValueError):

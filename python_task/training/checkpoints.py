@@ -94,7 +94,7 @@ def load_checkpoint(ckpt: Path) -> tuple[RunState, Any]:
     train_model = load_model(ckpt / "last.keras", compile=True)
     rng = ckpt / RNG_FILE
     if rng.exists():
-        restore_rng(train_model, json.loads(rng.read_text()), data_epoch=state.epoch)
+        restore_rng(train_model, json.loads(rng.read_text(encoding="utf-8")), data_epoch=state.epoch)
     else:  # a checkpoint written before rng.json: resumes, but not bit for bit
         log.warning("%s: no %s (an older checkpoint): the resumed run draws other random numbers than an "
                     "uninterrupted one would", ckpt, RNG_FILE)
@@ -156,7 +156,7 @@ def restore_rng(train_model, saved: dict[str, Any], *, data_epoch: int) -> None:
 
 def read_state(ckpt: Path) -> RunState:
     """``state.json`` back: it is strict JSON, so a NaN (or the initial -inf best AUC) was written null."""
-    saved = json.loads((ckpt / "state.json").read_text())
+    saved = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
     return RunState(**{**saved, "best_auc": -math.inf if saved.get("best_auc") is None else saved["best_auc"],
                        "best_loss": math.inf if saved.get("best_loss") is None else saved["best_loss"],
                        "history": [nan_for_null(row) for row in saved.get("history", [])]})

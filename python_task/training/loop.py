@@ -591,14 +591,14 @@ def _finished_metrics(cfg: TrainConfig) -> dict[str, float] | None:
     config = cfg.out / "config.json"
     if not (metrics.exists() and config.exists()):
         return None
-    saved = json.loads(config.read_text())
+    saved = json.loads(config.read_text(encoding="utf-8"))
     if comparable_settings(saved) != cfg.comparable():
         raise TaskError(cfg.out, "holds a finished run with other settings; choose another `out`")
-    return nan_for_null(json.loads(metrics.read_text()))
+    return nan_for_null(json.loads(metrics.read_text(encoding="utf-8")))
 
 
 def _check_resume_config(cfg: TrainConfig) -> None:
     path = cfg.out / "run_config.json"
-    if path.exists() and comparable_settings(json.loads(path.read_text())) != cfg.comparable():
+    if path.exists() and comparable_settings(json.loads(path.read_text(encoding="utf-8"))) != cfg.comparable():
         raise TaskError(cfg.out, "holds a checkpoint of a run with other settings; choose another `out` "
                         "or delete the folder")
