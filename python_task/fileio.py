@@ -174,6 +174,23 @@ def _rename(tmp: Path, final: Path) -> None:
         raise OSError(exc.errno, exc.strerror or str(exc), str(final)) from exc
 
 
+def read_json_file(path: str | os.PathLike[str], *, missing: str, damaged: str,
+                   error: type[TaskError] = TaskError) -> Any:
+    """The JSON in ``path``; one ``error`` naming the file otherwise: ``missing`` when it does not exist, ``damaged``
+    (after the parser's reason) when it is not valid JSON, and the system's reason when it cannot be read."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(path, missing) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(path, f"cannot be read ({exc})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(path, f"not valid JSON ({exc.msg}: line {exc.lineno}, column {exc.colno}): {damaged}") from None
+
+
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -61,7 +61,6 @@ made, and the fold's shard files present.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -73,7 +72,7 @@ from pathlib import Path
 import numpy as np
 
 from python_task.errors import ConfigError, ShardError
-from python_task.fileio import write_json_atomic
+from python_task.fileio import read_json_file, write_json_atomic
 from python_task.shards.manifest import MANIFEST_NAME, digest_rows, manifest_label_names, read_manifest
 
 log = logging.getLogger(__name__)
@@ -389,17 +388,8 @@ def _plural(word: str, n: int) -> str:
 def read_splits(splits_path: str | Path) -> dict:
     """The JSON of a splits file, with its structure checked; :class:`ShardError` naming the file otherwise."""
     path = Path(splits_path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ShardError(path, "not found: make it with `python -m python_task split`") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ShardError(path, f"cannot be read: {exc}") from exc
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ShardError(path, f"not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}): "
-                        "make it again with `split`") from None
+    data = read_json_file(path, missing="not found: make it with `python -m python_task split`",
+                          damaged="make it again with `split`", error=ShardError)
 
     def bad(what: str) -> ShardError:
         return ShardError(path, f"not a splits file: {what}")

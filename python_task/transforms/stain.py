@@ -24,7 +24,6 @@ exactly by :func:`od_to_rgb`.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import threading
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from python_task.errors import ConfigError, TaskError
+from python_task.fileio import read_json_file
 
 STAIN_METHODS = ("none", "macenko", "reinhard")
 
@@ -558,18 +558,9 @@ def read_normalizer(path: str | os.PathLike[str]) -> Normalizer | None:
     JSON that does not describe a normaliser (:func:`normalizer_from_dict`'s causes).
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise TaskError(path, "missing: the run's saved stain normaliser (train writes it beside the model; copy "
-                              "the whole run folder)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TaskError(path, f"cannot be read ({exc})") from None
-    try:
-        saved = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise TaskError(path, f"not valid JSON ({exc.msg}: line {exc.lineno}, column {exc.colno}): the saved "
-                              "stain normaliser is damaged or cut short; copy the run folder again") from None
+    saved = read_json_file(path, missing="missing: the run's saved stain normaliser (train writes it beside the "
+                           "model; copy the whole run folder)",
+                           damaged="the saved stain normaliser is damaged or cut short; copy the run folder again")
     try:
         return normalizer_from_dict(saved)
     except TaskError as exc:
