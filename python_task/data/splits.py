@@ -73,7 +73,7 @@ import numpy as np
 
 from python_task.errors import ConfigError, ShardError
 from python_task.fileio import read_json_file, write_json_atomic
-from python_task.shards.manifest import MANIFEST_NAME, digest_rows, manifest_label_names, read_manifest
+from python_task.shards.manifest import MANIFEST_NAME, SETTINGS_NAME, digest_rows, manifest_label_names, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +339,8 @@ def write_splits(splits: Mapping, path: str | Path) -> None:
 
 
 def check_splits_output(path: str | Path, shards_dir: str | Path) -> None:
-    """Refuse to write a split over what it is made from: the shards folder's manifest or one of its shards.
+    """Refuse to write a split over what it is made from: the shards folder's manifest, its ``extract.json`` or one
+    of its shards.
 
     ``split --out shards/manifest.csv`` would otherwise replace the manifest with the split's JSON, and with it
     the only record of the shard set. Paths are compared once resolved (``..``, symbolic links), so another
@@ -347,10 +348,10 @@ def check_splits_output(path: str | Path, shards_dir: str | Path) -> None:
     """
     shards_dir = Path(shards_dir)
     target = os.path.realpath(path)
-    manifest = shards_dir / MANIFEST_NAME
-    if target == os.path.realpath(manifest):
-        raise ConfigError("out", f"`out` would replace the manifest of {shards_dir}, which split reads: write "
-                          "the splits to another file (e.g. splits.json)", path=path)
+    for name, what in ((MANIFEST_NAME, "the manifest"), (SETTINGS_NAME, "the record of extract's settings")):
+        if target == os.path.realpath(shards_dir / name):
+            raise ConfigError("out", f"`out` would replace {what} of {shards_dir}, which split reads: write "
+                              "the splits to another file (e.g. splits.json)", path=path)
     for row in read_manifest(shards_dir):
         if target == os.path.realpath(shards_dir / row["shard"]):
             raise ConfigError("out", f"`out` would replace the shard of slide {row['slide_id']} in "

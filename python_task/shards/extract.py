@@ -55,7 +55,7 @@ from python_task.shards.format import (
     list_shards,
     shard_path,
 )
-from python_task.shards.manifest import MANIFEST_NAME, write_manifest
+from python_task.shards.manifest import MANIFEST_NAME, SETTINGS_NAME, write_manifest
 from python_task.shards.params import ExtractParams
 from python_task.shards.verify import check_shard
 from python_task.wsi.annotations import place_regions, read_annotations
@@ -68,7 +68,6 @@ from python_task.wsi.tissue import detect_tissue
 log = logging.getLogger(__name__)
 
 WRITE_BATCH = 128  # tiles read, then appended to the shard, at a time
-SETTINGS_NAME = "extract.json"  # the parameters a folder's shards are made with
 POOL_STARTS = 3  # pools in a row whose workers all die before any slide starts, before the slides are failed
 
 DEFAULT_PARAMS = ExtractParams()

@@ -27,6 +27,7 @@ from python_task.wsi.labels import DEFAULT_CLASSES
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.csv"
+SETTINGS_NAME = "extract.json"  # the parameters a folder's shards are made with (written by extract)
 LEADING_COLUMNS = ("slide_id", "patient_id", "diagnosis", "shard", "n_tiles")
 REQUIRED_COLUMNS = ("slide_id", "patient_id", "shard", "n_tiles")
 

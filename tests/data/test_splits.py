@@ -487,7 +487,7 @@ def test_split_refuses_to_write_over_its_inputs(shards, tmp_path, capsys):
     before = {p.name: p.read_bytes() for p in shards.iterdir()}
     link = tmp_path / "link.json"
     link.symlink_to(shards / "manifest.csv")
-    for out in (shards / "manifest.csv", shards / ".." / shards.name / "P01_S1.h5", link):
+    for out in (shards / "manifest.csv", shards / ".." / shards.name / "P01_S1.h5", link, shards / "extract.json"):
         assert main(["split", "--shards", str(shards), "--folds", "3", "--out", str(out)]) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"error: {out}: --out would replace the "), err
