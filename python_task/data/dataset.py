@@ -121,6 +121,22 @@ def build_index(shards_dir: str | os.PathLike[str], slide_ids: Sequence[str] | N
     return TileIndex(infos, cols[0], cols[1], cols[2], cols[3].astype(str), cols[4].astype(str), coords)
 
 
+def check_one_setting(shards_dir: str | os.PathLike[str], slide_ids: Sequence[str]) -> None:
+    """Refuse shards of ``slide_ids`` that do not share one tile size, µm/px and set of classes, naming the odd one
+    (:class:`ShardError`). A run's training, tuning and validation shards are compared together before any is
+    indexed: compared within one side alone (a held-out patient's two slides, one of them re-extracted at another
+    tile size), a tie could name the good shard."""
+    by_id = {p.stem: p for p in list_shards(shards_dir)}
+    infos = []
+    for slide_id in sorted(set(slide_ids) & set(by_id)):
+        with ShardReader(by_id[slide_id]) as reader:
+            infos.append(reader.info)
+    odd = odd_shards(infos)
+    if odd:
+        info, example = odd[0]
+        raise ShardError(info.path, odd_shard_cause(info, example, len(infos) - len(odd)))
+
+
 class TileFetcher:
     """Reads and decodes tiles by index position; one lazily opened reader per shard and thread."""
 

@@ -599,7 +599,7 @@ def odd_shards(infos: Sequence[ShardInfo]) -> list[tuple[ShardInfo, ShardInfo]]:
 def odd_shard_cause(odd: ShardInfo, example: ShardInfo, n_common: int) -> str:
     """Why ``odd`` does not belong with the others (one line)."""
     return (f"{describe_setting(odd)}, where {n_common} other shard{'s' * (n_common != 1)} ({example.path.name}"
-            f"{', ...' if n_common > 1 else ''}) hold {describe_setting(example)}: a folder holds shards of one "
+            f"{', ...' if n_common > 1 else ''}) {'hold' if n_common > 1 else 'holds'} {describe_setting(example)}: a folder holds shards of one "
             "setting; extract this slide again with the folder's settings, or move the shard away")
 
 

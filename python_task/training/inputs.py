@@ -10,7 +10,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from python_task.data.dataset import ChainTransform, ShardBatches, TileFetcher, TileIndex, build_index
+from python_task.data.dataset import (
+    ChainTransform,
+    ShardBatches,
+    TileFetcher,
+    TileIndex,
+    build_index,
+    check_one_setting,
+)
 from python_task.data.splits import FoldAssignment, load_fold
 from python_task.errors import ShardError, TaskError
 from python_task.fileio import write_json_atomic
@@ -61,6 +68,7 @@ def prepare_data(cfg: TrainConfig, start_epoch: int, engine: str = "model") -> R
     fold = load_fold(cfg.splits, cfg.shards, cfg.fold)
     rows = read_manifest(cfg.shards)
     listed = {"manifest": {r["slide_id"]: r for r in rows}, "manifest_path": Path(cfg.shards) / MANIFEST_NAME}
+    check_one_setting(cfg.shards, [*fold.train_slides, *fold.val_slides, *fold.tune_slides])
     train_index = build_index(cfg.shards, fold.train_slides, **listed).sample(cfg.max_train_tiles, cfg.seed)
     val_index = build_index(cfg.shards, fold.val_slides, **listed).sample(cfg.max_val_tiles, cfg.seed + 1)
     tune_index = build_index(cfg.shards, fold.tune_slides, **listed).sample(cfg.max_val_tiles, cfg.seed + 2) \

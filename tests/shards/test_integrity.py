@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-from python_task.data.dataset import ShardBatches, TileFetcher, build_index
+from python_task.data.dataset import ShardBatches, TileFetcher, build_index, check_one_setting
 from python_task.errors import ShardError
 from python_task.shards.format import ShardReader, ShardWriter, read_encoded_rows
 from python_task.shards.manifest import MANIFEST_NAME, read_manifest
@@ -191,6 +191,11 @@ def test_a_shard_of_another_tile_size_is_the_one_named(shards, synth_cohort, tmp
     with pytest.raises(ShardError) as exc:
         build_index(shards)
     assert exc.value.path == str(odd) and "tile size 128 px" in exc.value.cause
+    # a run's sides are compared together: the odd shard and one good shard alone tie, and the good one was named
+    good = sorted(p for p in shards.glob("*.h5") if p != odd)
+    with pytest.raises(ShardError) as exc:
+        check_one_setting(shards, [odd.stem, good[0].stem, *[p.stem for p in good[1:]]])
+    assert exc.value.path == str(odd) and "other shards" in exc.value.cause
 
 
 def test_a_manifest_with_one_slide_file_under_two_patients_is_refused(shards):
