@@ -174,6 +174,18 @@ def _rename(tmp: Path, final: Path) -> None:
         raise OSError(exc.errno, exc.strerror or str(exc), str(final)) from exc
 
 
+def open_without_waiting(path: str | os.PathLike[str]) -> tuple[int, os.stat_result]:
+    """A read-only descriptor of ``path`` and its status, opened with ``O_NONBLOCK`` so that a FIFO does not wait
+    for a writer: the caller refuses what is not a regular file (a device, a FIFO) before reading a byte. The
+    descriptor is the caller's to close; ``OSError`` as ``os.open`` raises it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        return fd, os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def read_json_file(path: str | os.PathLike[str], *, missing: str, damaged: str,
                    error: type[TaskError] = TaskError) -> Any:
     """The JSON in ``path``; one ``error`` naming the file otherwise: ``missing`` when it does not exist, ``damaged``

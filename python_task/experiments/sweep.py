@@ -61,6 +61,7 @@ from python_task.fileio import (
     folder_lock,
     nan_for_null,
     open_for_writing,
+    open_without_waiting,
     remove_stale_temporaries,
     write_csv_atomic,
     write_json_atomic,
@@ -170,12 +171,12 @@ def _read_yaml(path: Path, max_nodes: int) -> Any:
     """The plan's YAML document, read as a stream from a regular file (a FIFO or a device is refused before it is
     read) and composed under the node bound of :class:`_CountingLoader`."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # non-blocking: opening a FIFO does not wait for a writer
+        fd, status = open_without_waiting(path)
     except FileNotFoundError:
         raise ConfigError(None, "plan not found", path=path) from None
     except OSError as exc:
         raise ConfigError(None, f"not a readable YAML plan ({exc.strerror or exc})", path=path) from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    if not stat.S_ISREG(status.st_mode):
         os.close(fd)
         raise ConfigError(None, "not a readable YAML plan (not a regular file)", path=path)
     with open(fd, encoding="utf-8") as stream:

@@ -56,6 +56,7 @@ from shapely.geometry import MultiPolygon, Point, Polygon, box
 from shapely.geometry.base import BaseGeometry
 
 from python_task.errors import AnnotationError, ConfigError
+from python_task.fileio import open_without_waiting
 
 log = logging.getLogger(__name__)
 
@@ -388,13 +389,13 @@ def _read_bytes(path: Path, limit: int) -> bytes:
     """The bytes of a regular file of at most ``limit`` bytes. Anything else is refused before it is read: a
     device (``/dev/zero`` never ends), a FIFO (it waits for a writer for ever), a directory, a larger file."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # non-blocking: opening a FIFO does not wait for a writer
+        fd, status = open_without_waiting(path)
     except FileNotFoundError:
         raise AnnotationError(path, "file not found") from None
     except OSError as exc:
         raise AnnotationError(path, f"cannot read: {exc.strerror or exc}") from None
     try:
-        size = _check_regular_file(path, os.fstat(fd), limit)
+        size = _check_regular_file(path, status, limit)
     except BaseException:
         os.close(fd)
         raise
